@@ -1,0 +1,336 @@
+"""Pure parsing of chat completions: a JSON body or a stream of SSE chunks becomes one CompletionRecord.
+
+No I/O, no aiohttp, no SQLAlchemy. Nothing here raises on bad input: a field with the wrong type is
+left empty (NULL), never guessed, and never 0 for unknown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+MAX_TOKEN_COUNT = 2**62
+MAX_ERROR_CHARS = 1000
+MAX_TEXT_CHARS = 1000
+MAX_USAGE_JSON_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class ChoiceRecord:
+    index: int
+    finish_reason: str | None = None
+    native_finish_reason: str | None = None
+    role: str | None = None
+
+
+@dataclass(slots=True)
+class CompletionRecord:
+    """Everything logged about one proxied call; its fields are the `completions` columns."""
+
+    request_id: str
+    started_at: datetime
+    method: str
+    path: str
+    upstream: str
+    duration_ms: float | None = None
+    ttft_ms: float | None = None
+    status_code: int | None = None
+    outcome: str = "ok"
+    stream: bool = False
+    requested_model: str | None = None
+    completion_id: str | None = None
+    object: str | None = None
+    created: int | None = None
+    model: str | None = None
+    provider: str | None = None
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost: Decimal | None = None
+    cost_source: str | None = None
+    usage: dict[str, Any] | None = None
+    api_key_hash: str | None = None
+    user: str | None = None
+    tags: dict[str, str] | None = None
+    error: str | None = None
+    upstream_request_id: str | None = None
+    choices: list[ChoiceRecord] = field(default_factory=list)
+
+
+def clean_text(value: str) -> str:
+    """Drop NUL characters, which PostgreSQL refuses in text columns."""
+    return value.replace("\x00", "") if "\x00" in value else value
+
+
+def _text(value: Any) -> str | None:
+    """A non-empty string, or None (Azure's first chunk sends empty strings for unknown values)."""
+    if isinstance(value, str) and value:
+        return clean_text(value)[:MAX_TEXT_CHARS] or None
+    return None
+
+
+def _count(value: Any) -> int | None:
+    """A token count: a non-negative integer (floats like 12.0 accepted), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < MAX_TOKEN_COUNT else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value < MAX_TOKEN_COUNT:
+        return int(value)
+    return None
+
+
+def _cost(value: Any) -> Decimal | None:
+    """A non-negative finite amount from a number or a numeric string."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    if not amount.is_finite() or amount < 0 or amount >= Decimal(10) ** 12:
+        return None
+    return amount
+
+
+def _first_count(*values: Any) -> int | None:
+    for value in values:
+        count = _count(value)
+        if count is not None:
+            return count
+    return None
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
+def error_text(value: Any) -> str | None:
+    """The message of an error object or string, cut to a sensible length."""
+    if isinstance(value, str):
+        message = value
+    elif isinstance(value, dict):
+        message = value.get("message")
+        if not isinstance(message, str) or not message:
+            try:
+                message = orjson.dumps(value).decode()
+            except TypeError:
+                message = "error"
+    elif value is None or value is False:
+        return None
+    else:
+        message = str(value)
+    message = clean_text(message).strip()
+    return message[:MAX_ERROR_CHARS] if message else None
+
+
+def apply_usage(record: CompletionRecord, usage: dict[str, Any]) -> None:
+    """Map a usage object (OpenAI, OpenRouter, Responses API, DeepSeek, Anthropic-style) to columns."""
+    prompt_details = usage.get("prompt_tokens_details")
+    input_details = usage.get("input_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
+    output_details = usage.get("output_tokens_details")
+    record.prompt_tokens = _first_count(usage.get("prompt_tokens"), usage.get("input_tokens"))
+    record.completion_tokens = _first_count(usage.get("completion_tokens"), usage.get("output_tokens"))
+    record.total_tokens = _count(usage.get("total_tokens"))
+    if record.total_tokens is None and record.prompt_tokens is not None and record.completion_tokens is not None:
+        record.total_tokens = record.prompt_tokens + record.completion_tokens
+    record.cached_tokens = _first_count(
+        _get(prompt_details, "cached_tokens"),
+        _get(input_details, "cached_tokens"),
+        usage.get("prompt_cache_hit_tokens"),
+        usage.get("cache_read_input_tokens"),
+    )
+    record.cache_write_tokens = _first_count(
+        _get(prompt_details, "cache_write_tokens"),
+        _get(input_details, "cache_write_tokens"),
+        usage.get("cache_creation_input_tokens"),
+    )
+    record.reasoning_tokens = _first_count(
+        _get(completion_details, "reasoning_tokens"), _get(output_details, "reasoning_tokens")
+    )
+    cost = _cost(usage.get("cost"))
+    record.cost = cost
+    record.cost_source = "upstream" if cost is not None else None
+    try:
+        small_enough = len(orjson.dumps(usage)) <= MAX_USAGE_JSON_BYTES
+    except TypeError:
+        small_enough = False
+    record.usage = usage if small_enough else {"truncated": True}
+
+
+_META_FIELDS = ("object", "model", "provider", "system_fingerprint", "service_tier")
+
+
+def _apply_meta(record: CompletionRecord, obj: dict[str, Any]) -> None:
+    """Identity fields, each from the first object that has a usable value."""
+    if record.completion_id is None:
+        record.completion_id = _text(obj.get("id"))
+    if record.created is None:
+        created = _count(obj.get("created"))
+        record.created = created or None
+    for name in _META_FIELDS:
+        if getattr(record, name) is None:
+            setattr(record, name, _text(obj.get(name)))
+
+
+def _choice_state(record: CompletionRecord, by_index: dict[int, ChoiceRecord], index: Any) -> ChoiceRecord | None:
+    position = _count(index)
+    if position is None:
+        return None
+    state = by_index.get(position)
+    if state is None:
+        state = by_index[position] = ChoiceRecord(position)
+        record.choices.append(state)
+    return state
+
+
+def _apply_choice(state: ChoiceRecord, choice: dict[str, Any], message: Any) -> str | None:
+    """Fold one choice (or choice delta) into its state; returns the choice's error message if any."""
+    finish = _text(choice.get("finish_reason"))
+    if finish is not None:
+        state.finish_reason = finish
+    native = _text(choice.get("native_finish_reason"))
+    if native is not None:
+        state.native_finish_reason = native
+    if state.role is None:
+        state.role = _text(_get(message, "role"))
+    return error_text(choice.get("error"))
+
+
+def parse_completion_body(record: CompletionRecord, body: bytes) -> bool:
+    """Fill the record from a non-streaming JSON response; False when the body is not a JSON object."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(obj, dict):
+        return False
+    response = obj.get("response")
+    if isinstance(response, dict) and "output" in response:  # Responses API wrapper
+        obj = response
+    _apply_meta(record, obj)
+    by_index: dict[int, ChoiceRecord] = {}
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict):
+                state = _choice_state(record, by_index, choice.get("index", len(by_index)))
+                if state is not None:
+                    error = _apply_choice(state, choice, choice.get("message"))
+                    if error and record.error is None:
+                        record.error = error
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        apply_usage(record, usage)
+    else:
+        groq_usage = _get(obj.get("x_groq"), "usage")
+        if isinstance(groq_usage, dict):
+            apply_usage(record, groq_usage)
+    error = error_text(obj.get("error"))
+    if error:
+        record.error = error
+    return True
+
+
+def _has_content(delta: Any) -> bool:
+    if not isinstance(delta, dict):
+        return False
+    for key in ("content", "reasoning", "reasoning_content", "refusal"):
+        value = delta.get(key)
+        if isinstance(value, str) and value:
+            return True
+    return bool(delta.get("tool_calls") or delta.get("audio") or delta.get("function_call"))
+
+
+class StreamFolder:
+    """Folds streamed chunks (SSE data payloads) into one record.
+
+    Identity fields come from the first chunk that has them, finish reasons per choice index, usage
+    from the last chunk that carries one (vLLM repeats a running total on every chunk: never summed).
+    """
+
+    __slots__ = ("_by_index", "content_seen", "data_events", "done", "failed", "parsed_events", "record", "usage")
+
+    def __init__(self, record: CompletionRecord) -> None:
+        self.record = record
+        self._by_index: dict[int, ChoiceRecord] = {}
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+        self.failed = False
+        self.content_seen = False
+        self.data_events = 0
+        self.parsed_events = 0
+
+    def feed(self, data: bytes) -> tuple[bool, bool]:
+        """Fold one data payload. Returns (carries_content, is_usage_only_chunk)."""
+        if self.done:
+            return False, False
+        if data.startswith(b"[DONE]"):
+            self.done = True
+            return False, False
+        self.data_events += 1
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False, False
+        if not isinstance(obj, dict):
+            return False, False
+        self.parsed_events += 1
+        record = self.record
+        response = obj.get("response")
+        if isinstance(response, dict):  # Responses API events carry the response object
+            _apply_meta(record, response)
+            usage = response.get("usage")
+            if isinstance(usage, dict):
+                self.usage = usage
+            if obj.get("type") == "response.failed":
+                self.failed = True
+                record.error = record.error or error_text(response.get("error")) or "response failed"
+            return False, False
+        _apply_meta(record, obj)
+        carries_content = False
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                state = _choice_state(record, self._by_index, choice.get("index", 0))
+                if state is None:
+                    continue
+                delta = choice.get("delta")
+                error = _apply_choice(state, choice, delta)
+                if error:
+                    self.failed = True
+                    record.error = record.error or error
+                if state.finish_reason == "error":
+                    self.failed = True
+                if not carries_content and _has_content(delta):
+                    carries_content = True
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            usage = _get(obj.get("x_groq"), "usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        error = error_text(obj.get("error"))
+        if error:
+            self.failed = True
+            record.error = error
+        if carries_content:
+            self.content_seen = True
+        usage_only = isinstance(choices, list) and not choices and isinstance(obj.get("usage"), dict)
+        return carries_content, usage_only
+
+    def finish(self) -> None:
+        """Apply the last usage seen (token columns stay NULL when none arrived)."""
+        if self.usage is not None:
+            apply_usage(self.record, self.usage)

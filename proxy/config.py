@@ -1,0 +1,302 @@
+"""Configuration: frozen dataclasses loaded from TOML, then environment, then command-line flags.
+
+Precedence (highest first): flags, environment (CHATLEDGER_*), the config file, defaults.
+Every error names the key it is about, so `chatledger` can exit with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///chatledger.db"
+
+
+class ConfigError(ValueError):
+    """A bad config file or value; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_size: int = 32 * 1024 * 1024
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "https://openrouter.ai"
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    max_connections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    url: str = DEFAULT_DATABASE_URL
+    auto_migrate: bool = True
+    spool_dir: str = ""
+    queue_max: int = 100_000
+    batch_max: int = 2_000
+    write_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    all_paths: bool = False
+    inject_stream_usage: bool = True
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million tokens; None means 'not priced separately'."""
+
+    prompt: Decimal
+    completion: Decimal
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+    reasoning: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    models: dict[str, ModelPrice] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+
+    def replace(self, section: str, **changes: Any) -> Config:
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+_SECTIONS = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "database": DatabaseConfig,
+    "logging": LoggingConfig,
+    "admin": AdminConfig,
+}
+
+ENVIRONMENT = {
+    "CHATLEDGER_DATABASE_URL": ("database", "url"),
+    "CHATLEDGER_UPSTREAM_URL": ("upstream", "url"),
+    "CHATLEDGER_PORT": ("server", "port"),
+    "CHATLEDGER_HOST": ("server", "host"),
+    "CHATLEDGER_ADMIN_TOKEN": ("admin", "token"),
+}
+
+
+def _coerce(key: str, kind: Any, value: Any) -> Any:
+    """Convert a TOML/env/flag value to the field's type, or raise naming the key."""
+    if kind in (bool, "bool"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind in (int, "int"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if kind in (float, "float"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _price(key: str, value: Any) -> Decimal:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a price in USD per million tokens, got {value!r}")
+    try:
+        price = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"{key}: expected a price in USD per million tokens, got {value!r}") from None
+    if not price.is_finite() or price < 0:
+        raise ConfigError(f"{key}: expected a non-negative price, got {value!r}")
+    return price
+
+
+def _parse_pricing(table: Any) -> PricingConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("pricing: expected a table")
+    unknown = set(table) - {"models"}
+    if unknown:
+        raise ConfigError(f"pricing.{sorted(unknown)[0]}: unknown key")
+    models_table = table.get("models", {})
+    if not isinstance(models_table, dict):
+        raise ConfigError("pricing.models: expected a table")
+    models: dict[str, ModelPrice] = {}
+    for pattern, entry in models_table.items():
+        prefix = f'pricing.models."{pattern}"'
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{prefix}: expected a table")
+        allowed = {"prompt", "completion", "cache_read", "cache_write", "reasoning"}
+        for name in entry:
+            if name not in allowed:
+                raise ConfigError(f"{prefix}.{name}: unknown key (expected one of {', '.join(sorted(allowed))})")
+        for required in ("prompt", "completion"):
+            if required not in entry:
+                raise ConfigError(f"{prefix}.{required}: missing")
+        models[pattern] = ModelPrice(
+            **{name: _price(f"{prefix}.{name}", value) for name, value in entry.items()}
+        )
+    return PricingConfig(models=models)
+
+
+def _apply(config: Config, section: str, name: str, value: Any, origin: str) -> Config:
+    cls = _SECTIONS[section]
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    key = f"{section}.{name}"
+    if name not in fields:
+        raise ConfigError(f"{key}: unknown key{origin}")
+    return config.replace(section, **{name: _coerce(key + origin, fields[name], value)})
+
+
+def load_file(path: str | os.PathLike[str], config: Config | None = None) -> Config:
+    config = config or Config()
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML ({exc})") from None
+    for section, table in data.items():
+        if section == "pricing":
+            config = dataclasses.replace(config, pricing=_parse_pricing(table))
+            continue
+        if section not in _SECTIONS:
+            raise ConfigError(f"{section}: unknown section in {path}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table in {path}")
+        for name, value in table.items():
+            config = _apply(config, section, name, value, "")
+    return config
+
+
+def load(
+    config_path: str | None = None,
+    overrides: dict[tuple[str, str], Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Build the effective config: defaults < file < environment < overrides (flags)."""
+    environ = os.environ if environ is None else environ
+    config = Config()
+    path = config_path or environ.get("CHATLEDGER_CONFIG")
+    if path:
+        config = load_file(path, config)
+    for variable, (section, name) in ENVIRONMENT.items():
+        if environ.get(variable):
+            config = _apply(config, section, name, environ[variable], f" (from {variable})")
+    for (section, name), value in (overrides or {}).items():
+        if value is not None:
+            config = _apply(config, section, name, value, "")
+    return validate(config)
+
+
+def validate(config: Config) -> Config:
+    """Check ranges and normalise URLs; returns the config with normalised values."""
+    if not 0 <= config.server.port <= 65535:
+        raise ConfigError(f"server.port: expected 0-65535, got {config.server.port}")
+    if config.server.workers < 1:
+        raise ConfigError(f"server.workers: expected at least 1, got {config.server.workers}")
+    if config.server.max_body_size < 1:
+        raise ConfigError("server.max_body_size: expected a positive number of bytes")
+    for key, value in (
+        ("upstream.connect_timeout", config.upstream.connect_timeout),
+        ("upstream.read_timeout", config.upstream.read_timeout),
+        ("database.write_timeout", config.database.write_timeout),
+    ):
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive number of seconds, got {value}")
+    if config.database.queue_max < 1:
+        raise ConfigError("database.queue_max: expected at least 1")
+    if config.database.batch_max < 1:
+        raise ConfigError("database.batch_max: expected at least 1")
+    upstream = urlsplit(config.upstream.url)
+    if upstream.scheme not in ("http", "https") or not upstream.hostname:
+        raise ConfigError(f"upstream.url: expected an http(s) URL, got {config.upstream.url!r}")
+    if upstream.query or upstream.fragment:
+        raise ConfigError("upstream.url: must not have a query or fragment")
+    config = config.replace("upstream", url=config.upstream.url.rstrip("/"))
+    return config.replace("database", url=normalize_database_url(config.database.url))
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept a bare file path or a driverless URL and return an async SQLAlchemy URL."""
+    url = url.strip()
+    if not url:
+        raise ConfigError("database.url: empty")
+    if "://" not in url:
+        return f"sqlite+aiosqlite:///{url}"
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+asyncpg://{rest}"
+    if scheme in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        return url
+    raise ConfigError(
+        f"database.url: unsupported scheme {scheme!r} (use sqlite+aiosqlite:///path or postgresql+asyncpg://...)"
+    )
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL, or None for other databases and in-memory SQLite."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def default_spool_dir(config: DatabaseConfig) -> Path:
+    """Next to the SQLite file, or ./chatledger-spool for server databases."""
+    if config.spool_dir:
+        return Path(config.spool_dir)
+    db_file = sqlite_path(config.url)
+    if db_file is not None:
+        return db_file.with_name(db_file.name + ".spool")
+    return Path("chatledger-spool")
+
+
+def redact_url(url: str) -> str:
+    """The database URL without its password, for log lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

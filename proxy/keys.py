@@ -1,0 +1,15 @@
+"""Typed application keys, in their own module so every other module can import them without cycles."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .config import Config
+from .forward import Forwarder
+from .recorder import Recorder
+
+CONFIG = web.AppKey("config", Config)
+ENGINE = web.AppKey("engine", AsyncEngine)
+RECORDER = web.AppKey("recorder", Recorder)
+FORWARDER = web.AppKey("forwarder", Forwarder)

@@ -1,0 +1,112 @@
+"""What the proxy reads from a client's request: model, stream flag, user, key fingerprint, tags.
+
+Pure code. The only change ever made to a request body is adding `stream_options.include_usage` to a
+streaming request that lacks it (so the ledger gets token counts); that is done by splicing bytes, so
+the rest of the client's body stays exactly as sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+from .completions import clean_text
+
+MAX_TAGS = 16
+MAX_TAG_CHARS = 128
+MAX_USER_CHARS = 256
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true}'
+
+
+@dataclass(slots=True)
+class RequestFacts:
+    model: str | None = None
+    stream: bool = False
+    user: str | None = None
+    wants_usage: bool = False
+    usage_injected: bool = False
+    body: bytes = b""
+
+
+def inspect_request(body: bytes, inject_usage: bool) -> RequestFacts:
+    """Read a chat request body; with inject_usage, ask a streaming upstream for a usage chunk."""
+    facts = RequestFacts(body=body)
+    if not body:
+        return facts
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return facts
+    if not isinstance(obj, dict):
+        return facts
+    model = obj.get("model")
+    if isinstance(model, str) and model:
+        facts.model = clean_text(model)[:MAX_USER_CHARS] or None
+    facts.stream = obj.get("stream") is True
+    user = obj.get("user")
+    if isinstance(user, str) and user:
+        facts.user = clean_text(user)[:MAX_USER_CHARS] or None
+    stream_options = obj.get("stream_options")
+    usage_option = obj.get("usage")
+    facts.wants_usage = (isinstance(stream_options, dict) and stream_options.get("include_usage") is True) or (
+        isinstance(usage_option, dict) and usage_option.get("include") is True
+    )
+    if inject_usage and facts.stream and not facts.wants_usage:
+        if "stream_options" not in obj:
+            facts.body = _splice_before_closing_brace(body)
+            facts.usage_injected = True
+        elif stream_options is None or isinstance(stream_options, dict):
+            obj["stream_options"] = {**(stream_options or {}), "include_usage": True}
+            facts.body = orjson.dumps(obj)
+            facts.usage_injected = True
+    return facts
+
+
+def _splice_before_closing_brace(body: bytes) -> bytes:
+    end = body.rstrip().rfind(b"}")
+    head = body[:end].rstrip()
+    separator = b"" if head.endswith(b"{") else b","
+    return head + separator + _INCLUDE_USAGE + body[end:]
+
+
+@lru_cache(maxsize=4096)
+def key_fingerprint(api_key: str) -> str:
+    """First 16 hex characters of the key's SHA-256: enough to tell keys apart, useless to an attacker."""
+    return hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def bearer_key(headers: Any) -> str | None:
+    """The client's API key: `Authorization: Bearer`, Azure's `api-key` or Anthropic's `x-api-key`."""
+    authorization = headers.get("Authorization")
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token:
+            return token
+    for name in ("api-key", "x-api-key"):
+        value = headers.get(name)
+        if value and value.strip():
+            return value.strip()
+    return None
+
+
+def parse_tags(values: list[str]) -> dict[str, str] | None:
+    """`X-Ledger-Tags: k=v,k2=v2` (several headers merge). At most 16 pairs; a pair over 128 chars is dropped."""
+    tags: dict[str, str] = {}
+    for value in values:
+        for pair in value.split(","):
+            pair = pair.strip()
+            if not pair or len(pair) > MAX_TAG_CHARS:
+                continue
+            key, _, tag_value = pair.partition("=")
+            key = key.strip()
+            if not key:
+                continue
+            if key not in tags and len(tags) >= MAX_TAGS:
+                continue
+            tags[key] = tag_value.strip()
+    return tags or None

@@ -1,0 +1,171 @@
+"""Incremental Server-Sent Events decoder (WHATWG rules), fed raw network reads.
+
+Pure code: bytes in, events out. Each byte is looked at once (a partial line is kept as a list of
+pieces and joined only when its terminator arrives), so cost is linear in the stream whatever the
+read sizes. Every event carries the byte span it came from, so a caller can drop an event's exact
+bytes from a passthrough stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CR = 0x0D
+LF = 0x0A
+BOM = b"\xef\xbb\xbf"
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event: its name (b"" when none), joined data, and [start, end) in the stream."""
+
+    event: bytes
+    data: bytes
+    start: int
+    end: int
+
+
+class SSEDecoder:
+    """Feed bytes as they arrive; get complete events back. Call close() at EOF for a trailing event."""
+
+    __slots__ = (
+        "_block_start",
+        "_data",
+        "_data_bytes",
+        "_event",
+        "_first_line",
+        "_max_event_bytes",
+        "_offset",
+        "_oversized",
+        "_partial",
+        "_partial_bytes",
+        "_skip_lf",
+    )
+
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._max_event_bytes = max_event_bytes
+        self._partial: list[bytes] = []
+        self._partial_bytes = 0
+        self._skip_lf = False
+        self._data: list[bytes] = []
+        self._data_bytes = 0
+        self._event = b""
+        self._offset = 0
+        self._block_start = 0
+        self._first_line = True
+        self._oversized = False
+
+    @property
+    def offset(self) -> int:
+        """Bytes fed so far."""
+        return self._offset
+
+    @property
+    def boundary(self) -> int:
+        """Offset where the current (incomplete) block begins; bytes before it belong to finished blocks."""
+        return self._block_start
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        base = self._offset
+        size = len(chunk)
+        self._offset += size
+        pos = 0
+        if self._skip_lf and size:
+            self._skip_lf = False
+            if chunk[0] == LF:
+                pos = 1
+                if not self._partial and self._block_start == base:
+                    self._block_start = base + 1
+        has_cr = b"\r" in chunk
+        next_lf = chunk.find(b"\n", pos)
+        next_cr = chunk.find(b"\r", pos) if has_cr else -1
+        while True:
+            if next_lf != -1 and next_lf < pos:
+                next_lf = chunk.find(b"\n", pos)
+            if next_cr != -1 and next_cr < pos:
+                next_cr = chunk.find(b"\r", pos)
+            if next_lf == -1 and next_cr == -1:
+                break
+            if next_cr == -1 or (next_lf != -1 and next_lf < next_cr):
+                end, after = next_lf, next_lf + 1
+            else:
+                end = next_cr
+                if end + 1 < size:
+                    after = end + 2 if chunk[end + 1] == LF else end + 1
+                else:
+                    after = end + 1
+                    self._skip_lf = True
+            line = chunk[pos:end]
+            if self._partial:
+                self._partial.append(line)
+                line = b"".join(self._partial)
+                self._partial.clear()
+                self._partial_bytes = 0
+            pos = after
+            event = self._line(line, base + after)
+            if event is not None:
+                events.append(event)
+        if pos < size:
+            rest = chunk[pos:]
+            self._partial_bytes += len(rest)
+            if self._partial_bytes > self._max_event_bytes:
+                self._partial.clear()
+                self._partial_bytes = 0
+                self._oversized = True
+            else:
+                self._partial.append(rest)
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: a last line without terminator and a pending event are dispatched."""
+        events: list[SSEEvent] = []
+        if self._partial:
+            line = b"".join(self._partial)
+            self._partial.clear()
+            self._partial_bytes = 0
+            event = self._line(line, self._offset)
+            if event is not None:
+                events.append(event)
+        if self._data:
+            event = self._line(b"", self._offset)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: bytes, line_end: int) -> SSEEvent | None:
+        if self._first_line:
+            self._first_line = False
+            if line.startswith(BOM):
+                line = line[3:]
+        if not line:
+            event = None
+            if self._data and not self._oversized:
+                event = SSEEvent(self._event, b"\n".join(self._data), self._block_start, line_end)
+            self._data = []
+            self._data_bytes = 0
+            self._event = b""
+            self._oversized = False
+            self._block_start = line_end
+            return event
+        if line[0] == 0x3A:  # ':' comment
+            return None
+        colon = line.find(b":")
+        if colon == -1:
+            name, value = line, b""
+        else:
+            name = line[:colon]
+            value = line[colon + 1 :]
+            if value[:1] == b" ":
+                value = value[1:]
+        if name == b"data":
+            self._data_bytes += len(value)
+            if self._data_bytes > self._max_event_bytes:
+                self._oversized = True
+                self._data = [b""]
+            elif not self._oversized:
+                self._data.append(value)
+        elif name == b"event":
+            self._event = value
+        return None

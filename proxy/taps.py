@@ -1,0 +1,191 @@
+"""Taps: watch a response's bytes on their way to the client and build the record from a copy.
+
+Pure code (no sockets): the forwarder feeds every upstream read and the time it arrived. A tap never
+raises into the request path; whatever cannot be decoded is noted and left for the record.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Protocol
+
+from .completions import CompletionRecord, StreamFolder
+from .sse import SSEDecoder
+
+MAX_PARSED_BODY = 16 * 1024 * 1024
+MAX_HELD_BYTES = 1024 * 1024
+
+
+class Decompressor(Protocol):
+    def decompress(self, data: bytes, max_length: int = ...) -> bytes: ...
+
+
+class UnsupportedEncoding(ValueError):
+    pass
+
+
+def make_decompressor(encoding: str | None) -> Decompressor | None:
+    """A decoder for a Content-Encoding, None for identity; UnsupportedEncoding for anything else."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)
+    if encoding == "br":
+        try:
+            import brotli  # type: ignore[import-not-found]
+        except ImportError:
+            raise UnsupportedEncoding(encoding) from None
+        return _Brotli(brotli.Decompressor())
+    raise UnsupportedEncoding(encoding)
+
+
+class _Brotli:
+    def __init__(self, decoder: object) -> None:
+        self._decoder = decoder
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        return self._decoder.process(data)  # type: ignore[attr-defined,no-any-return]
+
+
+class BodyTap:
+    """Keeps a bounded, decoded copy of a non-streaming body for parsing."""
+
+    __slots__ = ("_decoder", "_parts", "_size", "failure")
+
+    def __init__(self, encoding: str | None) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.failure: str | None = None
+        try:
+            self._decoder = make_decompressor(encoding)
+        except UnsupportedEncoding as exc:
+            self._decoder = None
+            self.failure = f"content-encoding {exc} not decoded for logging"
+
+    def feed(self, chunk: bytes) -> None:
+        if self.failure is not None:
+            return
+        data = chunk
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decompress(chunk, MAX_PARSED_BODY - self._size + 1)
+            except (zlib.error, OSError, ValueError) as exc:
+                self.failure = f"response body could not be decoded ({exc})"
+                self._parts.clear()
+                return
+        self._size += len(data)
+        if self._size > MAX_PARSED_BODY:
+            self.failure = f"response body over {MAX_PARSED_BODY // (1024 * 1024)} MiB not parsed"
+            self._parts.clear()
+            return
+        self._parts.append(data)
+
+    def body(self) -> bytes | None:
+        if self.failure is not None:
+            return None
+        return self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+
+
+class StreamTap:
+    """Decodes an SSE response into a StreamFolder, and optionally removes the usage-only chunk.
+
+    In strip mode, bytes are handed on per complete event (an event is needed whole to decide whether
+    it goes); otherwise every read is passed on untouched, the moment it arrives.
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_held",
+        "_held_start",
+        "_sse",
+        "_strip",
+        "first_content_at",
+        "first_event_at",
+        "folder",
+        "stripped",
+    )
+
+    def __init__(self, record: CompletionRecord, encoding: str | None, strip_usage_chunk: bool) -> None:
+        self.folder = StreamFolder(record)
+        self._sse = SSEDecoder()
+        try:
+            self._decoder = make_decompressor(encoding)
+        except UnsupportedEncoding:
+            self._decoder = None
+            self.folder.done = True  # cannot read it: passthrough only
+        self._strip = strip_usage_chunk and self._decoder is None and not self.folder.done
+        self._held = bytearray()
+        self._held_start = 0
+        self.first_event_at: float | None = None
+        self.first_content_at: float | None = None
+        self.stripped = 0
+
+    @property
+    def stripping(self) -> bool:
+        return self._strip
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        """Take one upstream read; returns the bytes to send the client now."""
+        data = chunk
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decompress(chunk)
+            except (zlib.error, OSError, ValueError):
+                self._decoder = None
+                self.folder.done = True
+                data = b""
+        drops: list[tuple[int, int]] = []
+        if not self.folder.done or self._strip:
+            for event in self._sse.feed(data):
+                self._event(event.data, now, drops, event.start, event.end)
+        if not self._strip:
+            return chunk
+        if not drops and not self._held and self._sse.boundary == self._sse.offset:
+            self._held_start = self._sse.offset
+            return chunk
+        self._held += chunk
+        return self._release(drops, self._sse.boundary)
+
+    def close(self, now: float) -> bytes:
+        """End of stream: fold a trailing unterminated event; returns any bytes still held back."""
+        drops: list[tuple[int, int]] = []
+        for event in self._sse.close():
+            self._event(event.data, now, drops, event.start, event.end)
+        self.folder.finish()
+        if not self._strip:
+            return b""
+        return self._release(drops, self._held_start + len(self._held))
+
+    def _event(self, data: bytes, now: float, drops: list[tuple[int, int]], start: int, end: int) -> None:
+        if self.folder.done:
+            return
+        if self.first_event_at is None and not data.startswith(b"[DONE]"):
+            self.first_event_at = now
+        carries_content, usage_only = self.folder.feed(data)
+        if carries_content and self.first_content_at is None:
+            self.first_content_at = now
+        if usage_only and self._strip:
+            drops.append((start, end))
+            self.stripped += 1
+
+    def _release(self, drops: list[tuple[int, int]], upto: int) -> bytes:
+        start = self._held_start
+        out = bytearray()
+        cursor = start
+        for drop_start, drop_end in drops:
+            if drop_start > cursor:
+                out += self._held[cursor - start : drop_start - start]
+            cursor = max(cursor, drop_end)
+        if upto > cursor:
+            out += self._held[cursor - start : upto - start]
+        del self._held[: max(upto, cursor) - start]
+        self._held_start = max(upto, cursor)
+        if len(self._held) > MAX_HELD_BYTES:  # a huge partial event: stop holding, pass bytes on
+            out += self._held
+            self._held_start += len(self._held)
+            self._held.clear()
+            self._strip = False
+        return bytes(out)
