@@ -276,7 +276,15 @@ class Forwarder:
             headers[REQUEST_ID_HEADER] = record.request_id
 
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        failure = await self._pump(request, upstream, response, stream_tap, body_tap)
+        try:
+            failure = await self._pump(request, upstream, response, stream_tap, body_tap)
+        except asyncio.CancelledError:  # the client went away while we waited on the upstream
+            upstream.close()
+            if record is not None:
+                self._complete(record, ("client_disconnected", "client disconnected"), stream_tap, body_tap,
+                               chat, started)
+                self._finish(record, started, key)
+            raise
         if failure is not None:
             upstream.close()
             if failure[0] != "client_disconnected":
@@ -356,7 +364,9 @@ class Forwarder:
             failed = bool(record.error) or any(c.finish_reason == "error" for c in record.choices)
         else:
             failed = False
-        if failure is not None:
+        if failure is not None and not (
+            failure[0] == "client_disconnected" and stream_tap is not None and stream_tap.folder.done
+        ):  # a client that hangs up right after [DONE] got everything: not a disconnect
             record.outcome, record.error = failure[0], record.error or failure[1]
             return
         if status >= 400:
