@@ -7,6 +7,7 @@ Every error names the key it is about, so `chatledger` can exit with one clear l
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ _SECTIONS = {
     "admin": AdminConfig,
 }
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 ENVIRONMENT = {
     "CHATLEDGER_DATABASE_URL": ("database", "url"),
     "CHATLEDGER_UPSTREAM_URL": ("upstream", "url"),
@@ -112,23 +117,27 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
     if kind in (bool, "bool"):
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-            return value.strip().lower() in {"1", "true", "yes", "on"}
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if kind in (int, "int"):
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
-            return int(value)
-        except (TypeError, ValueError):
+            return int(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if kind in (float, "float"):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
@@ -163,7 +172,8 @@ def _parse_pricing(table: Any) -> PricingConfig:
         allowed = {"prompt", "completion", "cache_read", "cache_write", "reasoning"}
         for name in entry:
             if name not in allowed:
-                raise ConfigError(f"{prefix}.{name}: unknown key (expected one of {', '.join(sorted(allowed))})")
+                expected = ", ".join(sorted(allowed))
+                raise ConfigError(f"{prefix}.{name}: unknown key (expected one of {expected})")
         for required in ("prompt", "completion"):
             if required not in entry:
                 raise ConfigError(f"{prefix}.{required}: missing")
@@ -230,8 +240,19 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"server.port: expected 0-65535, got {config.server.port}")
     if config.server.workers < 1:
         raise ConfigError(f"server.workers: expected at least 1, got {config.server.workers}")
+    if not config.server.host.strip():
+        raise ConfigError("server.host: empty")
     if config.server.max_body_size < 1:
         raise ConfigError("server.max_body_size: expected a positive number of bytes")
+    if config.server.shutdown_grace < 0:
+        raise ConfigError(f"server.shutdown_grace: expected seconds >= 0, got {config.server.shutdown_grace}")
+    if config.upstream.max_connections < 0:
+        raise ConfigError(
+            f"upstream.max_connections: expected 0 (no limit) or more, got {config.upstream.max_connections}"
+        )
+    if config.logging.level.lower() not in LOG_LEVELS:
+        levels = ", ".join(LOG_LEVELS)
+        raise ConfigError(f"logging.level: expected one of {levels}, got {config.logging.level!r}")
     for key, value in (
         ("upstream.connect_timeout", config.upstream.connect_timeout),
         ("upstream.read_timeout", config.upstream.read_timeout),

@@ -52,9 +52,9 @@ def inspect_request(body: bytes, inject_usage: bool) -> RequestFacts:
         facts.user = clean_text(user)[:MAX_USER_CHARS] or None
     stream_options = obj.get("stream_options")
     usage_option = obj.get("usage")
-    facts.wants_usage = (isinstance(stream_options, dict) and stream_options.get("include_usage") is True) or (
-        isinstance(usage_option, dict) and usage_option.get("include") is True
-    )
+    asked_in_stream_options = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    asked_openrouter_style = isinstance(usage_option, dict) and usage_option.get("include") is True
+    facts.wants_usage = asked_in_stream_options or asked_openrouter_style
     if inject_usage and facts.stream and not facts.wants_usage:
         if "stream_options" not in obj:
             facts.body = _splice_before_closing_brace(body)
@@ -71,6 +71,13 @@ def _splice_before_closing_brace(body: bytes) -> bytes:
     head = body[:end].rstrip()
     separator = b"" if head.endswith(b"{") else b","
     return head + separator + _INCLUDE_USAGE + body[end:]
+
+
+def header_user(value: str | None) -> str | None:
+    """The `X-Ledger-User` header as a user, held to the same limits as the body's `user`."""
+    if not value:
+        return None
+    return clean_text(value.strip())[:MAX_USER_CHARS] or None
 
 
 @lru_cache(maxsize=4096)
@@ -95,7 +102,10 @@ def bearer_key(headers: Any) -> str | None:
 
 
 def parse_tags(values: list[str]) -> dict[str, str] | None:
-    """`X-Ledger-Tags: k=v,k2=v2` (several headers merge). At most 16 pairs; a pair over 128 chars is dropped."""
+    """`X-Ledger-Tags: k=v,k2=v2` (several headers merge).
+
+    At most 16 pairs; a pair over 128 characters is dropped, and a repeated key keeps its last value.
+    """
     tags: dict[str, str] = {}
     for value in values:
         for pair in value.split(","):

@@ -8,6 +8,7 @@ afterwards. Without that variable they are skipped with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -95,9 +96,21 @@ class Ledger:
     def recorder(self) -> Recorder:
         return self.app[RECORDER]
 
-    async def rows(self) -> list[dict[str, Any]]:
-        """Every logged completion (oldest first), each with its `choices`, after the writer caught up."""
-        await self.recorder.wait_idle()
+    async def rows(self, count: int = 0, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Every logged completion (oldest first), each with its `choices`, after the writer caught up.
+
+        A handler hands its record over only after the client has its last byte, so a test that just
+        finished reading may be ahead of it: with `count`, wait until at least that many rows exist.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await self.recorder.wait_idle(timeout)
+            completions = await self._select()
+            if len(completions) >= count or asyncio.get_running_loop().time() > deadline:
+                return completions
+            await asyncio.sleep(0.02)
+
+    async def _select(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
             completions = [dict(r._mapping) for r in await conn.execute(
                 select(completions_table).order_by(completions_table.c.id))]
@@ -108,7 +121,7 @@ class Ledger:
         return completions
 
     async def row(self) -> dict[str, Any]:
-        rows = await self.rows()
+        rows = await self.rows(count=1)
         assert len(rows) == 1, rows
         return rows[0]
 

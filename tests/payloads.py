@@ -1,4 +1,7 @@
-"""Realistic response bodies and streams, shaped after ../shared/reference/wire-formats.md (values invented)."""
+"""Realistic response bodies and streams, shaped after ../shared/reference/wire-formats.md.
+
+Ids and values are invented; the shapes follow the providers' SDKs and docs.
+"""
 
 from __future__ import annotations
 
@@ -80,7 +83,11 @@ OPENAI_N2: dict[str, Any] = {
     "model": "gpt-4o-mini-2024-07-18",
     "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"},
-        {"index": 1, "message": {"role": "assistant", "content": "Hi there, how can"}, "finish_reason": "length"},
+        {
+            "index": 1,
+            "message": {"role": "assistant", "content": "Hi there, how can"},
+            "finish_reason": "length",
+        },
     ],
     "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
 }
@@ -103,7 +110,12 @@ OPENROUTER_WITH_COST: dict[str, Any] = {
                 "refusal": None,
                 "reasoning": "The user asks for the capital of France.",
                 "reasoning_details": [
-                    {"type": "reasoning.text", "text": "The user asks...", "format": "anthropic-claude-v1", "index": 0}
+                    {
+                        "type": "reasoning.text",
+                        "text": "The user asks...",
+                        "format": "anthropic-claude-v1",
+                        "index": 0,
+                    }
                 ],
             },
         }
@@ -136,7 +148,7 @@ OPENAI_ERROR_401: dict[str, Any] = {
 
 OPENAI_ERROR_429: dict[str, Any] = {
     "error": {
-        "message": "Rate limit reached for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000.",
+        "message": "Rate limit reached for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000",
         "type": "tokens",
         "param": None,
         "code": "rate_limit_exceeded",
@@ -147,7 +159,10 @@ OPENROUTER_ERROR_429: dict[str, Any] = {
     "error": {
         "code": 429,
         "message": "Provider returned error",
-        "metadata": {"raw": "deepseek/deepseek-r1:free is temporarily rate-limited upstream", "provider_name": "Chutes"},
+        "metadata": {
+            "raw": "deepseek/deepseek-r1:free is temporarily rate-limited upstream",
+            "provider_name": "Chutes",
+        },
     },
     "user_id": "user_2abc",
 }
@@ -158,7 +173,9 @@ HTML_502 = (
 )
 
 
-def sse(*events: Any, comments: dict[int, str] | None = None, done: bool = True, newline: bytes = b"\n") -> bytes:
+def sse(
+    *events: Any, comments: dict[int, str] | None = None, done: bool = True, newline: bytes = b"\n"
+) -> bytes:
     """Encode chunks as SSE: compact JSON `data:` lines, each event ended by a blank line."""
     out = bytearray()
     for position, event in enumerate(events):
@@ -189,20 +206,52 @@ def openai_stream(include_usage: bool = True) -> bytes:
     """OpenAI's stream: role chunk, content deltas, finish chunk, then (if asked) the usage-only chunk."""
     usage_null = {"usage": None} if include_usage else {}
     chunks: list[Any] = [
-        _chunk(_OPENAI_BASE, [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None},
-                               "logprobs": None, "finish_reason": None}], **usage_null, obfuscation="a1"),
+        _chunk(
+            _OPENAI_BASE,
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "", "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+            **usage_null,
+            obfuscation="a1",
+        ),
     ]
     for word in ("The", " sky", " is", " blue", "."):
-        chunks.append(_chunk(_OPENAI_BASE, [{"index": 0, "delta": {"content": word}, "logprobs": None,
-                                             "finish_reason": None}], **usage_null, obfuscation="xyz"))
-    chunks.append(_chunk(_OPENAI_BASE, [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
-                         **usage_null, obfuscation="q"))
+        chunks.append(
+            _chunk(
+                _OPENAI_BASE,
+                [{"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}],
+                **usage_null,
+                obfuscation="xyz",
+            )
+        )
+    chunks.append(
+        _chunk(
+            _OPENAI_BASE,
+            [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+            **usage_null,
+            obfuscation="q",
+        )
+    )
     if include_usage:
-        chunks.append(_chunk(_OPENAI_BASE, [], usage={
-            "prompt_tokens": 19, "completion_tokens": 5, "total_tokens": 24,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-        }, obfuscation="zz"))
+        chunks.append(
+            _chunk(
+                _OPENAI_BASE,
+                [],
+                usage={
+                    "prompt_tokens": 19,
+                    "completion_tokens": 5,
+                    "total_tokens": 24,
+                    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                    "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+                },
+                obfuscation="zz",
+            )
+        )
     return sse(*chunks)
 
 
@@ -220,20 +269,68 @@ _OPENROUTER_BASE = {
 def openrouter_stream() -> bytes:
     """OpenRouter: processing comments (also mid-stream), reasoning deltas, native finish reason, cost."""
     chunks: list[Any] = [
-        _chunk(_OPENROUTER_BASE, [{"index": 0, "delta": {"role": "assistant", "content": "", "reasoning": "Think",
-               "reasoning_details": [{"type": "reasoning.text", "text": "Think", "index": 0}]},
-               "finish_reason": None, "native_finish_reason": None}]),
-        _chunk(_OPENROUTER_BASE, [{"index": 0, "delta": {"role": "assistant", "content": "Par"},
-               "finish_reason": None, "native_finish_reason": None}]),
-        _chunk(_OPENROUTER_BASE, [{"index": 0, "delta": {"role": "assistant", "content": "is."},
-               "finish_reason": None, "native_finish_reason": None}]),
-        _chunk(_OPENROUTER_BASE, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-               "finish_reason": "stop", "native_finish_reason": "STOP"}]),
-        _chunk(_OPENROUTER_BASE, [], usage={
-            "prompt_tokens": 14, "completion_tokens": 30, "total_tokens": 44, "cost": 0.000317,
-            "is_byok": False, "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 22},
-        }),
+        _chunk(
+            _OPENROUTER_BASE,
+            [
+                {
+                    "index": 0,
+                    "delta": {
+                        "role": "assistant",
+                        "content": "",
+                        "reasoning": "Think",
+                        "reasoning_details": [{"type": "reasoning.text", "text": "Think", "index": 0}],
+                    },
+                    "finish_reason": None,
+                    "native_finish_reason": None,
+                }
+            ],
+        ),
+        _chunk(
+            _OPENROUTER_BASE,
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "Par"},
+                    "finish_reason": None,
+                    "native_finish_reason": None,
+                }
+            ],
+        ),
+        _chunk(
+            _OPENROUTER_BASE,
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "is."},
+                    "finish_reason": None,
+                    "native_finish_reason": None,
+                }
+            ],
+        ),
+        _chunk(
+            _OPENROUTER_BASE,
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": "stop",
+                    "native_finish_reason": "STOP",
+                }
+            ],
+        ),
+        _chunk(
+            _OPENROUTER_BASE,
+            [],
+            usage={
+                "prompt_tokens": 14,
+                "completion_tokens": 30,
+                "total_tokens": 44,
+                "cost": 0.000317,
+                "is_byok": False,
+                "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 22},
+            },
+        ),
     ]
     head = b": OPENROUTER PROCESSING\n\n" * 3
     return head + sse(*chunks, comments={2: "OPENROUTER PROCESSING"})
@@ -242,9 +339,127 @@ def openrouter_stream() -> bytes:
 def midstream_error_stream() -> bytes:
     base = dict(_OPENROUTER_BASE, id="gen-err-1")
     return sse(
-        _chunk(base, [{"index": 0, "delta": {"role": "assistant", "content": "Once"}, "finish_reason": None}]),
+        _chunk(
+            base, [{"index": 0, "delta": {"role": "assistant", "content": "Once"}, "finish_reason": None}]
+        ),
         _chunk(base, [{"index": 0, "delta": {"content": " upon"}, "finish_reason": None}]),
-        {**_chunk(base, [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]),
-         "error": {"code": 502, "message": "Provider disconnected unexpectedly",
-                   "metadata": {"error_type": "provider_error", "provider_code": "overloaded"}}},
+        {
+            **_chunk(base, [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]),
+            "error": {
+                "code": 502,
+                "message": "Provider disconnected unexpectedly",
+                "metadata": {"error_type": "provider_error", "provider_code": "overloaded"},
+            },
+        },
     )
+
+
+OPENAI_ERROR_429_QUOTA: dict[str, Any] = {
+    "error": {
+        "message": "You exceeded your current quota, please check your plan and billing details.",
+        "type": "insufficient_quota",
+        "param": None,
+        "code": "insufficient_quota",
+    }
+}
+
+OPENROUTER_ERROR_401: dict[str, Any] = {"error": {"code": 401, "message": "No auth credentials found"}}
+
+OPENROUTER_CHOICE_ERROR: dict[str, Any] = {
+    "id": "gen-1741570800-ChOiCeErR",
+    "provider": "Together",
+    "model": "meta-llama/llama-3.3-70b-instruct",
+    "object": "chat.completion",
+    "created": 1741570800,
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": ""},
+            "finish_reason": "error",
+            "native_finish_reason": "error",
+            "error": {
+                "code": 502,
+                "message": "Upstream provider returned an invalid response",
+                "metadata": {"provider_name": "Together"},
+            },
+        }
+    ],
+    "usage": {"prompt_tokens": 31, "completion_tokens": 0, "total_tokens": 31, "cost": 0},
+}
+
+RESPONSES_API_BASIC: dict[str, Any] = {
+    "id": "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
+    "object": "response",
+    "created_at": 1741476542,
+    "status": "completed",
+    "model": "o4-mini-2025-04-16",
+    "output": [
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hi.", "annotations": []}],
+        },
+    ],
+    "service_tier": "default",
+    "usage": {
+        "input_tokens": 36,
+        "input_tokens_details": {"cached_tokens": 12},
+        "output_tokens": 87,
+        "output_tokens_details": {"reasoning_tokens": 64},
+        "total_tokens": 123,
+    },
+}
+
+DEEPSEEK_REASONER: dict[str, Any] = {
+    "id": "930c60df-bf64-41c9-a88e-3ec75f81e00e",
+    "object": "chat.completion",
+    "created": 1741570900,
+    "model": "deepseek-reasoner",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "9.11 < 9.8", "reasoning_content": "Compare..."},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {
+        "prompt_tokens": 17,
+        "completion_tokens": 420,
+        "total_tokens": 437,
+        "prompt_tokens_details": {"cached_tokens": None},
+        "completion_tokens_details": {"reasoning_tokens": 380},
+        "prompt_cache_hit_tokens": 0,
+        "prompt_cache_miss_tokens": 17,
+    },
+    "system_fingerprint": "fp_7e73fd9a08",
+}
+
+GROQ_X_GROQ_USAGE: dict[str, Any] = {
+    "id": "chatcmpl-groq-5b1",
+    "object": "chat.completion",
+    "created": 1741571000,
+    "model": "llama-3.3-70b-versatile",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+    "x_groq": {
+        "id": "req_01jq",
+        "usage": {
+            "queue_time": 0.02,
+            "prompt_tokens": 40,
+            "prompt_time": 0.003,
+            "completion_tokens": 9,
+            "completion_time": 0.03,
+            "total_tokens": 49,
+            "total_time": 0.033,
+        },
+    },
+    "service_tier": "on_demand",
+}
+
+MODELS_LIST: dict[str, Any] = {
+    "object": "list",
+    "data": [{"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"}],
+}
