@@ -1,0 +1,216 @@
+"""Writer microbenchmark: rows/s that proxy.recorder.Recorder sustains into SQLite and PostgreSQL.
+
+Submits N realistic CompletionRecords (parsed from the benchmark's ChatCompletion, one choice each) as
+fast as possible, waits until the writer is idle, and checks every row arrived. Target: ≥ 20,000 rows/s
+each, so the writer is never the bottleneck. PostgreSQL runs on a scratch database created (and
+dropped) on the server named by CHATLEDGER_TEST_POSTGRES_URL.
+
+Run: `python -m bench.writer_bench [--rows 50000] [--repeat 3] [--only sqlite|postgresql] [--profile]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import dataclasses
+import io
+import os
+import pstats
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from proxy.completions import CompletionRecord, parse_completion_body
+from proxy.config import normalize_database_url
+from proxy.db import choices_table, completions_table, create_engine
+from proxy.migrate import upgrade
+from proxy.recorder import Recorder
+
+from .payloads import COMPLETION_BODY
+
+PG_ENV = "CHATLEDGER_TEST_POSTGRES_URL"
+TARGET = 20_000
+
+
+def template() -> CompletionRecord:
+    record = CompletionRecord(
+        request_id=str(uuid.uuid4()),
+        started_at=datetime.now(UTC),
+        method="POST",
+        path="/v1/chat/completions",
+        upstream="https://api.openai.com",
+    )
+    if not parse_completion_body(record, COMPLETION_BODY):
+        raise RuntimeError("the benchmark completion no longer parses")
+    record.status_code = 200
+    record.requested_model = "gpt-4o"
+    record.duration_ms = 412.317
+    record.ttft_ms = 412.317
+    record.api_key_hash = "e9a731f2476fdd03"
+    record.user = "user-1234"
+    record.tags = {"team": "search", "env": "prod"}
+    record.upstream_request_id = "req_bench_0123456789abcdef"
+    assert len(record.choices) == 1
+    return record
+
+
+def records(count: int) -> list[CompletionRecord]:
+    base = template()
+    now = datetime.now(UTC)
+    return [
+        dataclasses.replace(base, request_id=str(uuid.uuid4()), started_at=now, choices=list(base.choices))
+        for _ in range(count)
+    ]
+
+
+@asynccontextmanager
+async def scratch_postgres(admin_url: str) -> AsyncIterator[str]:
+    import asyncpg
+
+    dsn = admin_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    name = f"chatledger_bench_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield normalize_database_url(dsn.rsplit("/", 1)[0] + f"/{name}")
+    finally:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+async def bench_url(url: str, rows: int, repeat: int, batch_max: int, profile: bool) -> dict[str, Any]:
+    engine = create_engine(url)
+    batches: list[int] = []
+    try:
+        await upgrade(engine)
+        with tempfile.TemporaryDirectory(prefix="writer-bench-") as spool:
+            recorder = Recorder(
+                engine,
+                Path(spool),
+                queue_max=rows * 2,
+                batch_max=batch_max,
+                on_batch=lambda batch: batches.append(len(batch)),
+            )
+            recorder.start()
+            try:
+                for record in records(min(2000, rows)):  # warm-up: connections, statement cache
+                    recorder.submit(record)
+                await recorder.wait_idle(120)
+                expected = recorder.rows_written
+                rates = []
+                profiler = cProfile.Profile() if profile else None
+                for _ in range(repeat):
+                    batch = records(rows)
+                    batches.clear()
+                    if profiler is not None:
+                        profiler.enable()
+                    started = time.perf_counter()
+                    for record in batch:
+                        recorder.submit(record)
+                    await recorder.wait_idle(600)
+                    elapsed = time.perf_counter() - started
+                    if profiler is not None:
+                        profiler.disable()
+                    expected += rows
+                    rates.append(rows / elapsed)
+                    print(
+                        f"  {engine.dialect.name}: {rows:,} rows in {elapsed:.2f}s = "
+                        f"{rows / elapsed:,.0f} rows/s ({len(batches)} batches, "
+                        f"mean {statistics.fmean(batches) if batches else 0:.0f} rows)",
+                        flush=True,
+                    )
+                written, spooled = recorder.rows_written, recorder.rows_spooled
+            finally:
+                await recorder.close()
+        async with engine.connect() as conn:
+            in_db = (await conn.execute(select(func.count()).select_from(completions_table))).scalar_one()
+            choices = (await conn.execute(select(func.count()).select_from(choices_table))).scalar_one()
+    finally:
+        await engine.dispose()
+    result = {
+        "dialect": engine.dialect.name,
+        "rows_per_s": rates,
+        "best": max(rates),
+        "median": statistics.median(rates),
+        "rows_in_db": in_db,
+        "choice_rows": choices,
+        "expected": expected,
+        "written": written,
+        "spooled": spooled,
+    }
+    if profile and profiler is not None:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(30)
+        result["profile"] = out.getvalue()
+    return result
+
+
+def report(result: dict[str, Any]) -> None:
+    ok = result["rows_in_db"] == result["expected"] == result["choice_rows"] and result["spooled"] == 0
+    verdict = "PASS" if result["median"] >= TARGET else "FAIL"
+    print(
+        f"{result['dialect']}: median {result['median']:,.0f} rows/s, best {result['best']:,.0f} "
+        f"({verdict}, target ≥ {TARGET:,}); rows in db {result['rows_in_db']:,} "
+        f"/ expected {result['expected']:,}, "
+        f"choices {result['choice_rows']:,}, spooled {result['spooled']} ({'ok' if ok else 'MISMATCH'})"
+    )
+    if "profile" in result:
+        print(result["profile"])
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="writer-bench-db-") as directory:
+        if args.only in (None, "sqlite"):
+            report(
+                await bench_url(
+                    f"sqlite+aiosqlite:///{directory}/ledger.db",
+                    args.rows,
+                    args.repeat,
+                    args.batch_max,
+                    args.profile,
+                )
+            )
+    if args.only in (None, "postgresql"):
+        admin = os.environ.get(PG_ENV)
+        if not admin:
+            print(f"postgresql: skipped, set {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
+        else:
+            async with scratch_postgres(admin) as url:
+                report(await bench_url(url, args.rows, args.repeat, args.batch_max, args.profile))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rows", type=int, default=50_000, help="rows per measurement (default 50,000)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--batch-max", type=int, default=2000, help="Recorder batch_max (config default 2000)"
+    )
+    parser.add_argument("--only", choices=("sqlite", "postgresql"))
+    parser.add_argument("--profile", action="store_true", help="cProfile the writer and print the top 30")
+    args = parser.parse_args()
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        return asyncio.run(main_async(args))
+    return uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
