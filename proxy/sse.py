@@ -3,7 +3,8 @@
 Pure code: bytes in, events out. Each byte is looked at once (a partial line is kept as a list of
 pieces and joined only when its terminator arrives), so cost is linear in the stream whatever the
 read sizes. Every event carries the byte span it came from, so a caller can drop an event's exact
-bytes from a passthrough stream.
+bytes from a passthrough stream. Memory is bounded: a line or an event's data over max_event_bytes
+is discarded (that event is skipped), and decoding resumes at the next line.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ BOM = b"\xef\xbb\xbf"
 DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SSEEvent:
-    """One dispatched event: its name (b"" when none), joined data, and [start, end) in the stream."""
+    """One dispatched event: its name (b"" when none), joined data, and [start, end) in the stream.
+
+    The span runs from the block's first line through its terminating blank line. When that blank
+    line ends with a CR that is the last byte of a read, the event is dispatched at once and `end`
+    moves one byte on if the next read starts with the LF of a CRLF (so spans never depend on how
+    the stream was split, and dispatch never waits for the next read).
+    """
 
     event: bytes
     data: bytes
@@ -31,8 +38,10 @@ class SSEDecoder:
 
     __slots__ = (
         "_block_start",
+        "_cr_event",
         "_data",
         "_data_bytes",
+        "_discard_line",
         "_event",
         "_first_line",
         "_max_event_bytes",
@@ -47,7 +56,9 @@ class SSEDecoder:
         self._max_event_bytes = max_event_bytes
         self._partial: list[bytes] = []
         self._partial_bytes = 0
+        self._discard_line = False
         self._skip_lf = False
+        self._cr_event: SSEEvent | None = None
         self._data: list[bytes] = []
         self._data_bytes = 0
         self._event = b""
@@ -66,28 +77,31 @@ class SSEDecoder:
         """Offset where the current (incomplete) block begins; bytes before it belong to finished blocks."""
         return self._block_start
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held for an incomplete line and event (bounded by about twice max_event_bytes)."""
+        return self._partial_bytes + self._data_bytes
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         events: list[SSEEvent] = []
-        base = self._offset
         size = len(chunk)
+        if not size:
+            return events
+        base = self._offset
         self._offset += size
         pos = 0
-        if self._skip_lf and size:
+        if self._skip_lf:
             self._skip_lf = False
-            if chunk[0] == LF:
+            if chunk[0] == LF:  # second half of a CRLF split across reads
                 pos = 1
-                if not self._partial and self._block_start == base:
+                if self._block_start == base:
                     self._block_start = base + 1
-        has_cr = b"\r" in chunk
+                if self._cr_event is not None:
+                    self._cr_event.end = base + 1
+        self._cr_event = None
         next_lf = chunk.find(b"\n", pos)
-        next_cr = chunk.find(b"\r", pos) if has_cr else -1
-        while True:
-            if next_lf != -1 and next_lf < pos:
-                next_lf = chunk.find(b"\n", pos)
-            if next_cr != -1 and next_cr < pos:
-                next_cr = chunk.find(b"\r", pos)
-            if next_lf == -1 and next_cr == -1:
-                break
+        next_cr = chunk.find(b"\r", pos)
+        while next_lf != -1 or next_cr != -1:
             if next_cr == -1 or (next_lf != -1 and next_lf < next_cr):
                 end, after = next_lf, next_lf + 1
             else:
@@ -97,42 +111,70 @@ class SSEDecoder:
                 else:
                     after = end + 1
                     self._skip_lf = True
-            line = chunk[pos:end]
-            if self._partial:
-                self._partial.append(line)
-                line = b"".join(self._partial)
-                self._partial.clear()
+            if self._discard_line:  # the tail of an oversized line
+                self._discard_line = False
                 self._partial_bytes = 0
+                line = None
+            else:
+                line = chunk[pos:end]
+                if self._partial:
+                    self._partial.append(line)
+                    line = b"".join(self._partial)
+                    self._partial.clear()
+                    self._partial_bytes = 0
             pos = after
-            event = self._line(line, base + after)
-            if event is not None:
-                events.append(event)
-        if pos < size:
-            rest = chunk[pos:]
-            self._partial_bytes += len(rest)
+            if line is not None and len(line) > self._max_event_bytes:
+                self._oversize()
+                line = None
+            if line is not None:
+                event = self._line(line, base + after)
+                if event is not None:
+                    events.append(event)
+                    if self._skip_lf:
+                        self._cr_event = event
+            if next_lf != -1 and next_lf < pos:
+                next_lf = chunk.find(b"\n", pos)
+            if next_cr != -1 and next_cr < pos:
+                next_cr = chunk.find(b"\r", pos)
+        if pos < size and not self._discard_line:
+            self._partial_bytes += size - pos
             if self._partial_bytes > self._max_event_bytes:
                 self._partial.clear()
                 self._partial_bytes = 0
-                self._oversized = True
+                self._discard_line = True
+                self._oversize()
             else:
-                self._partial.append(rest)
+                self._partial.append(chunk[pos:] if pos else chunk)
         return events
 
     def close(self) -> list[SSEEvent]:
         """End of stream: a last line without terminator and a pending event are dispatched."""
         events: list[SSEEvent] = []
+        self._skip_lf = False
+        self._cr_event = None
         if self._partial:
             line = b"".join(self._partial)
             self._partial.clear()
             self._partial_bytes = 0
-            event = self._line(line, self._offset)
-            if event is not None:
-                events.append(event)
-        if self._data:
+            if len(line) > self._max_event_bytes:
+                self._oversize()
+            else:
+                event = self._line(line, self._offset)
+                if event is not None:
+                    events.append(event)
+        self._discard_line = False
+        if self._data or self._oversized:
             event = self._line(b"", self._offset)
             if event is not None:
                 events.append(event)
         return events
+
+    def _oversize(self) -> None:
+        """A line or the event's data went over the limit: the event is skipped, its data freed."""
+        self._oversized = True
+        self._first_line = False
+        self._data = []
+        self._data_bytes = 0
 
     def _line(self, line: bytes, line_end: int) -> SSEEvent | None:
         if self._first_line:
@@ -160,11 +202,12 @@ class SSEDecoder:
             if value[:1] == b" ":
                 value = value[1:]
         if name == b"data":
-            self._data_bytes += len(value)
+            if self._oversized:
+                return None
+            self._data_bytes += len(value) + 1
             if self._data_bytes > self._max_event_bytes:
-                self._oversized = True
-                self._data = [b""]
-            elif not self._oversized:
+                self._oversize()
+            else:
                 self._data.append(value)
         elif name == b"event":
             self._event = value

@@ -10,7 +10,7 @@ import zlib
 from typing import Protocol
 
 from .completions import CompletionRecord, StreamFolder
-from .sse import SSEDecoder
+from .sse import SSEDecoder, SSEEvent
 
 MAX_PARSED_BODY = 16 * 1024 * 1024
 MAX_HELD_BYTES = 1024 * 1024
@@ -90,16 +90,19 @@ class BodyTap:
 
 
 class StreamTap:
-    """Decodes an SSE response into a StreamFolder, and optionally removes the usage-only chunk.
+    """Decodes an SSE response into a StreamFolder, and optionally removes the usage-only chunk (the one
+    the client did not ask for: the proxy added stream_options.include_usage to its request).
 
-    In strip mode, bytes are handed on per complete event (an event is needed whole to decide whether
-    it goes); otherwise every read is passed on untouched, the moment it arrives.
+    In strip mode, bytes are handed on per complete event block (an event is needed whole to decide
+    whether it goes); otherwise every read is passed on untouched, the moment it arrives.
     """
 
     __slots__ = (
+        "_cr_drop",
         "_decoder",
         "_held",
         "_held_start",
+        "_readable",
         "_sse",
         "_strip",
         "first_content_at",
@@ -111,14 +114,16 @@ class StreamTap:
     def __init__(self, record: CompletionRecord, encoding: str | None, strip_usage_chunk: bool) -> None:
         self.folder = StreamFolder(record)
         self._sse = SSEDecoder()
+        self._readable = True
         try:
             self._decoder = make_decompressor(encoding)
         except UnsupportedEncoding:
             self._decoder = None
-            self.folder.done = True  # cannot read it: passthrough only
-        self._strip = strip_usage_chunk and self._decoder is None and not self.folder.done
+            self._readable = False  # cannot read it: passthrough only
+        self._strip = strip_usage_chunk and self._decoder is None and self._readable
         self._held = bytearray()
         self._held_start = 0
+        self._cr_drop: SSEEvent | None = None
         self.first_event_at: float | None = None
         self.first_content_at: float | None = None
         self.stripped = 0
@@ -129,56 +134,69 @@ class StreamTap:
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Take one upstream read; returns the bytes to send the client now."""
-        data = chunk
-        if self._decoder is not None:
-            try:
-                data = self._decoder.decompress(chunk)
-            except (zlib.error, OSError, ValueError):
-                self._decoder = None
-                self.folder.done = True
-                data = b""
-        drops: list[tuple[int, int]] = []
-        if not self.folder.done or self._strip:
+        drops: list[SSEEvent] = []
+        if self._readable:
+            data = chunk
+            if self._decoder is not None:
+                try:
+                    data = self._decoder.decompress(chunk)
+                except (zlib.error, OSError, ValueError):
+                    self._readable = False
+                    data = b""
             for event in self._sse.feed(data):
-                self._event(event.data, now, drops, event.start, event.end)
+                self._event(event, now, drops)
         if not self._strip:
             return chunk
+        if self._cr_drop is not None:
+            if self._cr_drop.end > self._held_start:  # the LF of a dropped event's CRLF opened this read
+                chunk = chunk[1:]
+                self._held_start += 1
+            self._cr_drop = None
         if not drops and not self._held and self._sse.boundary == self._sse.offset:
             self._held_start = self._sse.offset
             return chunk
         self._held += chunk
-        return self._release(drops, self._sse.boundary)
+        out = self._release(drops, self._sse.boundary)
+        if drops and drops[-1].end == self._sse.offset:
+            self._cr_drop = drops[-1]
+        return out
 
-    def close(self, now: float) -> bytes:
-        """End of stream: fold a trailing unterminated event; returns any bytes still held back."""
-        drops: list[tuple[int, int]] = []
-        for event in self._sse.close():
-            self._event(event.data, now, drops, event.start, event.end)
-        self.folder.finish()
+    def close(self, now: float, complete: bool = True) -> bytes:
+        """End of stream: fold a trailing unterminated event; returns any bytes still held back.
+
+        complete is False when the upstream connection failed (the failure, not an unfinished
+        completion, is then what the record reports).
+        """
+        drops: list[SSEEvent] = []
+        if self._readable:
+            for event in self._sse.close():
+                self._event(event, now, drops)
+        self.folder.finish(at_eof=complete)
         if not self._strip:
             return b""
         return self._release(drops, self._held_start + len(self._held))
 
-    def _event(self, data: bytes, now: float, drops: list[tuple[int, int]], start: int, end: int) -> None:
-        if self.folder.done:
-            return
-        if self.first_event_at is None and not data.startswith(b"[DONE]"):
+    def _event(self, event: SSEEvent, now: float, drops: list[SSEEvent]) -> None:
+        data = event.data
+        if self.first_event_at is None and not self.folder.done and not data.startswith(b"[DONE]"):
             self.first_event_at = now
         carries_content, usage_only = self.folder.feed(data)
         if carries_content and self.first_content_at is None:
             self.first_content_at = now
-        if usage_only and self._strip:
-            drops.append((start, end))
+        # OpenRouter (the only upstream with a top-level `provider`) sends usage whether asked or not:
+        # its client would get the chunk without the proxy, so it stays.
+        if usage_only and self._strip and self.folder.record.provider is None:
+            drops.append(event)
             self.stripped += 1
 
-    def _release(self, drops: list[tuple[int, int]], upto: int) -> bytes:
+    def _release(self, drops: list[SSEEvent], upto: int) -> bytes:
         start = self._held_start
         out = bytearray()
         cursor = start
-        for drop_start, drop_end in drops:
-            if drop_start > cursor:
-                out += self._held[cursor - start : drop_start - start]
-            cursor = max(cursor, drop_end)
+        for drop in drops:
+            if drop.start > cursor:
+                out += self._held[cursor - start : drop.start - start]
+            cursor = max(cursor, drop.end)
         if upto > cursor:
             out += self._held[cursor - start : upto - start]
         del self._held[: max(upto, cursor) - start]
