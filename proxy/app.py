@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from sqlalchemy import text
 
 from . import __version__
+from .api import add_routes as add_api_routes
+from .completions import CompletionRecord
 from .config import Config, default_spool_dir
 from .db import create_engine
-from .forward import Forwarder, json_error
-from .keys import CONFIG, ENGINE, FORWARDER, RECORDER
+from .forward import Forwarder, json_error, refusal
+from .keys import CONFIG, ENGINE, FORWARDER, METRICS, PRICER, RECORDER
+from .metrics import LedgerMetrics
 from .migrate import upgrade
+from .pricing import Pricer
 from .recorder import Recorder
 
 log = logging.getLogger(__name__)
 
 LEDGER_PREFIX = "/_ledger/"
+HEALTH_DB_TIMEOUT = 2.0
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -33,6 +40,29 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await engine.dispose()
 
 
+async def _accounting(app: web.Application) -> AsyncIterator[None]:
+    """The price book (config prices recorded, reloaded every minute) and the metrics registry."""
+    pricer = Pricer(app[ENGINE], app[CONFIG].pricing.models)
+    await pricer.start()
+    app[PRICER] = pricer
+    app[METRICS] = LedgerMetrics()
+    yield
+    await pricer.stop()
+
+
+def _on_batch(app: web.Application) -> Callable[[list[CompletionRecord]], None]:
+    """The writer's hook, once per batch before inserting: cost from the price book, then metrics."""
+    pricer, metrics = app[PRICER], app[METRICS]
+
+    def on_batch(records: list[CompletionRecord]) -> None:
+        try:
+            pricer.apply(records)
+        finally:
+            metrics.observe(records)
+
+    return on_batch
+
+
 async def _recorder(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG].database
     recorder = Recorder(
@@ -41,8 +71,10 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
         queue_max=config.queue_max,
         batch_max=config.batch_max,
         write_timeout=config.write_timeout,
+        on_batch=_on_batch(app),
     )
     recorder.start()
+    app[METRICS].watch(recorder)
     app[RECORDER] = recorder
     app[FORWARDER] = Forwarder(app[CONFIG], recorder.submit)
     yield
@@ -78,11 +110,13 @@ async def health(request: web.Request) -> web.Response:
     recorder = request.app[RECORDER]
     database_ok = True
     try:
-        async with request.app[ENGINE].connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        async with asyncio.timeout(HEALTH_DB_TIMEOUT):
+            async with request.app[ENGINE].connect() as conn:
+                await conn.execute(text("SELECT 1"))
     except Exception:
         database_ok = False
     files, size = recorder.spool.backlog()
+    rejected_files, rejected_bytes = recorder.spool.rejected()
     status = "ok" if database_ok and not recorder.degraded else "degraded"
     body = {
         "status": status,
@@ -91,10 +125,28 @@ async def health(request: web.Request) -> web.Response:
         "queue_depth": recorder.queue_depth,
         "rows_written": recorder.rows_written,
         "rows_spooled": recorder.rows_spooled,
+        "rows_replayed": recorder.rows_replayed,
+        "rows_rejected": recorder.rows_rejected,
         "rows_lost": recorder.rows_lost,
-        "spool": {"files": files, "bytes": size},
+        "spool": {
+            "files": files,
+            "bytes": size,
+            "writable": recorder.spool_ok,
+            "rejected_files": rejected_files,
+            "rejected_bytes": rejected_bytes,
+        },
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+@web.middleware
+async def _origin_form_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """CONNECT and authority- or asterisk-form targets match no route (aiohttp would answer 404):
+    refuse them with the forwarder's 400, so the proxy is visibly not an open proxy."""
+    if request.method == "CONNECT" or not request.raw_path.startswith("/"):
+        reason = refusal(request) or "request target not accepted"
+        return json_error(400, reason, "invalid_request_error", "proxy_refused")
+    return await handler(request)
 
 
 async def ledger_not_found(request: web.Request) -> web.Response:
@@ -106,13 +158,15 @@ _MIGRATE = web.AppKey("migrate", bool)
 
 def create_app(config: Config, *, migrate: bool = True) -> web.Application:
     """Build the proxy. With migrate=False the caller has already applied migrations (serve does)."""
-    app = web.Application(client_max_size=config.server.max_body_size)
+    app = web.Application(client_max_size=config.server.max_body_size, middlewares=[_origin_form_only])
     app[CONFIG] = config
     app[_MIGRATE] = migrate
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_recorder)
     app.cleanup_ctx.append(_client_session)
     app.router.add_get(LEDGER_PREFIX + "health", health)
+    add_api_routes(app)
     app.router.add_route("*", LEDGER_PREFIX + "{tail:.*}", ledger_not_found)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app

@@ -123,10 +123,10 @@ class Completion(Base):
     reasoning_tokens: Mapped[int | None] = mapped_column(BigInteger)
     cost: Mapped[Decimal | None] = mapped_column(Money)
     cost_source: Mapped[str | None] = mapped_column(String(16))
-    usage: Mapped[Any | None] = mapped_column(JSON)
+    usage: Mapped[Any | None] = mapped_column(JSON(none_as_null=True))
     api_key_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     user: Mapped[str | None] = mapped_column(Text, index=True)
-    tags: Mapped[Any | None] = mapped_column(JSON)
+    tags: Mapped[Any | None] = mapped_column(JSON(none_as_null=True))
     error: Mapped[str | None] = mapped_column(Text)
     upstream_request_id: Mapped[str | None] = mapped_column(Text)
 
@@ -137,6 +137,10 @@ class Completion(Base):
     __table_args__ = (
         Index("ix_completions_model_started_at", "model", "started_at"),
         Index("ix_completions_requested_model", "requested_model"),
+        Index(  # migration 0002: stats --by model reads this index only (see proxy/queries.py)
+            "ix_completions_model_stats", "model", "requested_model", "duration_ms", "started_at", "outcome",
+            "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost",
+        ),
     )
 
 

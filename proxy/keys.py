@@ -7,9 +7,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import Config
 from .forward import Forwarder
+from .metrics import LedgerMetrics
+from .pricing import Pricer
 from .recorder import Recorder
 
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", AsyncEngine)
 RECORDER = web.AppKey("recorder", Recorder)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+PRICER = web.AppKey("pricer", Pricer)
+METRICS = web.AppKey("metrics", LedgerMetrics)

@@ -1,0 +1,151 @@
+"""Prometheus metrics of one proxy process (each worker has its own registry).
+
+Counters and histograms are fed by the writer, once per batch of records, never on the request path.
+The writer's own state (queue depth, rows written/spooled/lost) is read from the Recorder at scrape time.
+Model names come from clients, so the `model` label is capped: past MAX_MODELS distinct values new
+names are counted as "other" instead of growing the registry without bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .completions import CompletionRecord
+
+if TYPE_CHECKING:
+    from .recorder import Recorder
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+MAX_MODELS = 500
+OTHER = "other"
+
+
+class _WriterCollector(Collector):
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        recorder = self.recorder
+        if recorder is None:
+            return
+        yield GaugeMetricFamily(
+            "chatledger_writer_queue_depth",
+            "Records waiting for the database writer",
+            value=recorder.queue_depth,
+        )
+        yield GaugeMetricFamily(
+            "chatledger_database_up",
+            "1 while database writes succeed, 0 while spooling",
+            value=1 if recorder.database_ok else 0,
+        )
+        for name, help_text, value in (
+            ("chatledger_rows_written", "Rows inserted by the writer", recorder.rows_written),
+            (
+                "chatledger_rows_spooled",
+                "Rows written to the disk spool instead of the database",
+                recorder.rows_spooled,
+            ),
+            (
+                "chatledger_rows_replayed",
+                "Spooled rows later inserted into the database",
+                recorder.rows_replayed,
+            ),
+            (
+                "chatledger_rows_lost",
+                "Rows neither the database nor the spool could take",
+                recorder.rows_lost,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+
+
+class LedgerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        per_model = ("upstream", "model")
+        self.requests = Counter(
+            "chatledger_requests",
+            "Logged calls by upstream, model, HTTP status and outcome",
+            ("upstream", "model", "status", "outcome"),
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "chatledger_prompt_tokens", "Prompt tokens", per_model, registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "chatledger_completion_tokens", "Completion tokens", per_model, registry=self.registry
+        )
+        self.cached_tokens = Counter(
+            "chatledger_cached_tokens", "Prompt tokens read from a cache", per_model, registry=self.registry
+        )
+        self.cost = Counter("chatledger_cost_usd", "Known cost in USD", per_model, registry=self.registry)
+        self.unpriced = Counter(
+            "chatledger_unpriced_requests",
+            "Logged calls whose cost is unknown",
+            per_model,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "chatledger_request_duration_seconds",
+            "Time from request to the end of the response",
+            per_model,
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "chatledger_time_to_first_token_seconds",
+            "Streamed calls: time to the first content chunk",
+            per_model,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self._writer = _WriterCollector()
+        self.registry.register(self._writer)
+        self._models: set[str] = set()
+
+    def watch(self, recorder: Recorder) -> None:
+        self._writer.recorder = recorder
+
+    def _model(self, record: CompletionRecord) -> str:
+        model = record.model or record.requested_model or "unknown"
+        if model in self._models:
+            return model
+        if len(self._models) >= MAX_MODELS:
+            return OTHER
+        self._models.add(model)
+        return model
+
+    def observe(self, records: Sequence[CompletionRecord]) -> None:
+        """Count a batch of records (called by the writer before it inserts them)."""
+        for record in records:
+            labels = (record.upstream, self._model(record))
+            status = str(record.status_code) if record.status_code is not None else "none"
+            self.requests.labels(*labels, status, record.outcome).inc()
+            for counter, value in (
+                (self.prompt_tokens, record.prompt_tokens),
+                (self.completion_tokens, record.completion_tokens),
+                (self.cached_tokens, record.cached_tokens),
+            ):
+                if value:
+                    counter.labels(*labels).inc(value)
+            if record.cost is not None:
+                self.cost.labels(*labels).inc(float(record.cost))
+            else:
+                self.unpriced.labels(*labels).inc()
+            if record.duration_ms is not None:
+                self.duration.labels(*labels).observe(record.duration_ms / 1000)
+            if record.ttft_ms is not None and record.stream:  # non-streamed calls: time to headers
+                self.ttft.labels(*labels).observe(record.ttft_ms / 1000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
