@@ -17,6 +17,8 @@ MAX_TOKEN_COUNT = 2**62
 MAX_ERROR_CHARS = 1000
 MAX_TEXT_CHARS = 1000
 MAX_USAGE_JSON_BYTES = 64 * 1024
+MAX_CHOICES = 128  # OpenAI's limit for n
+MAX_CHOICE_INDEX = 2**31 - 1
 
 
 @dataclass(slots=True)
@@ -142,8 +144,9 @@ def apply_usage(record: CompletionRecord, usage: dict[str, Any]) -> None:
     record.prompt_tokens = _first_count(usage.get("prompt_tokens"), usage.get("input_tokens"))
     record.completion_tokens = _first_count(usage.get("completion_tokens"), usage.get("output_tokens"))
     record.total_tokens = _count(usage.get("total_tokens"))
-    if record.total_tokens is None and record.prompt_tokens is not None and record.completion_tokens is not None:
-        record.total_tokens = record.prompt_tokens + record.completion_tokens
+    prompt, completion = record.prompt_tokens, record.completion_tokens
+    if record.total_tokens is None and prompt is not None and completion is not None:
+        record.total_tokens = prompt + completion
     record.cached_tokens = _first_count(
         _get(prompt_details, "cached_tokens"),
         _get(input_details, "cached_tokens"),
@@ -183,12 +186,16 @@ def _apply_meta(record: CompletionRecord, obj: dict[str, Any]) -> None:
             setattr(record, name, _text(obj.get(name)))
 
 
-def _choice_state(record: CompletionRecord, by_index: dict[int, ChoiceRecord], index: Any) -> ChoiceRecord | None:
+def _choice_state(
+    record: CompletionRecord, by_index: dict[int, ChoiceRecord], index: Any
+) -> ChoiceRecord | None:
     position = _count(index)
-    if position is None:
+    if position is None or position > MAX_CHOICE_INDEX:  # the column is a 32-bit INTEGER
         return None
     state = by_index.get(position)
     if state is None:
+        if len(by_index) >= MAX_CHOICES:  # a hostile stream could name a new index in every chunk
+            return None
         state = by_index[position] = ChoiceRecord(position)
         record.choices.append(state)
     return state
@@ -207,8 +214,24 @@ def _apply_choice(state: ChoiceRecord, choice: dict[str, Any], message: Any) -> 
     return error_text(choice.get("error"))
 
 
+COMPLETION_OBJECTS = frozenset({"chat.completion", "response", "text_completion"})
+
+
+def _is_completion(obj: dict[str, Any]) -> bool:
+    """Whether a JSON object looks like a completion (a 200 can carry anything, e.g. a gateway's notice)."""
+    return (
+        isinstance(obj.get("choices"), list)
+        or isinstance(obj.get("usage"), dict)
+        or isinstance(_get(obj.get("x_groq"), "usage"), dict)
+        or _text(obj.get("object")) in COMPLETION_OBJECTS
+    )
+
+
 def parse_completion_body(record: CompletionRecord, body: bytes) -> bool:
-    """Fill the record from a non-streaming JSON response; False when the body is not a JSON object."""
+    """Fill the record from a non-streaming JSON response.
+
+    Returns False (record untouched) when the body is neither a completion nor an error envelope.
+    """
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -218,6 +241,11 @@ def parse_completion_body(record: CompletionRecord, body: bytes) -> bool:
     response = obj.get("response")
     if isinstance(response, dict) and "output" in response:  # Responses API wrapper
         obj = response
+    error = error_text(obj.get("error"))
+    if not _is_completion(obj):
+        if error:
+            record.error = error
+        return error is not None
     _apply_meta(record, obj)
     by_index: dict[int, ChoiceRecord] = {}
     choices = obj.get("choices")
@@ -236,7 +264,6 @@ def parse_completion_body(record: CompletionRecord, body: bytes) -> bool:
         groq_usage = _get(obj.get("x_groq"), "usage")
         if isinstance(groq_usage, dict):
             apply_usage(record, groq_usage)
-    error = error_text(obj.get("error"))
     if error:
         record.error = error
     return True
@@ -252,6 +279,9 @@ def _has_content(delta: Any) -> bool:
     return bool(delta.get("tool_calls") or delta.get("audio") or delta.get("function_call"))
 
 
+STREAM_CUT_OFF = "stream ended before the completion finished (no finish_reason, no [DONE])"
+
+
 class StreamFolder:
     """Folds streamed chunks (SSE data payloads) into one record.
 
@@ -259,7 +289,9 @@ class StreamFolder:
     from the last chunk that carries one (vLLM repeats a running total on every chunk: never summed).
     """
 
-    __slots__ = ("_by_index", "content_seen", "data_events", "done", "failed", "parsed_events", "record", "usage")
+    __slots__ = (
+        "_by_index", "content_seen", "data_events", "done", "failed", "parsed_events", "record", "usage"
+    )
 
     def __init__(self, record: CompletionRecord) -> None:
         self.record = record
@@ -273,11 +305,11 @@ class StreamFolder:
 
     def feed(self, data: bytes) -> tuple[bool, bool]:
         """Fold one data payload. Returns (carries_content, is_usage_only_chunk)."""
-        if self.done:
-            return False, False
         if data.startswith(b"[DONE]"):
             self.done = True
             return False, False
+        if self.done:
+            return False, self._late_usage(data)
         self.data_events += 1
         try:
             obj = orjson.loads(data)
@@ -327,10 +359,33 @@ class StreamFolder:
             record.error = error
         if carries_content:
             self.content_seen = True
-        usage_only = isinstance(choices, list) and not choices and isinstance(obj.get("usage"), dict)
+        usage_only = (
+            isinstance(choices, list) and not choices and isinstance(obj.get("usage"), dict) and not error
+        )
         return carries_content, usage_only
 
-    def finish(self) -> None:
-        """Apply the last usage seen (token columns stay NULL when none arrived)."""
+    def _late_usage(self, data: bytes) -> bool:
+        """After [DONE] the completion is over; only a (misplaced) usage-only chunk still counts."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(obj, dict) or obj.get("error"):
+            return False
+        choices, usage = obj.get("choices"), obj.get("usage")
+        if not (isinstance(choices, list) and not choices and isinstance(usage, dict)):
+            return False
+        self.usage = usage
+        return True
+
+    def finish(self, at_eof: bool = False) -> None:
+        """Apply the last usage seen (token columns stay NULL when none arrived).
+
+        at_eof: the upstream ended the stream normally. If that happened before [DONE] while a choice
+        still had no finish_reason, the completion was cut off: the record says so.
+        """
         if self.usage is not None:
             apply_usage(self.record, self.usage)
+        if at_eof and not self.done and any(c.finish_reason is None for c in self._by_index.values()):
+            self.failed = True
+            self.record.error = self.record.error or STREAM_CUT_OFF

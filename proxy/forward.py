@@ -8,6 +8,7 @@ is reachable: absolute-form targets, CONNECT and host-steering headers are refus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from yarl import URL
 
 from .completions import CompletionRecord, parse_completion_body
 from .config import Config
-from .request_facts import RequestFacts, bearer_key, inspect_request, key_fingerprint, parse_tags
+from .request_facts import RequestFacts, bearer_key, header_user, inspect_request, key_fingerprint, parse_tags
 from .taps import BodyTap, StreamTap
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,18 @@ def _error_summary(status: int, body: bytes | None) -> str:
     return f"HTTP {status}"
 
 
+async def _salvage(
+    response: web.StreamResponse, stream_tap: StreamTap | None, failure: tuple[str, str]
+) -> tuple[str, str]:
+    """The upstream failed mid-stream: fold what was seen and pass on bytes the tap still held back."""
+    if stream_tap is not None:
+        held = stream_tap.close(time.perf_counter(), complete=False)
+        if held:
+            with contextlib.suppress(ConnectionError):
+                await response.write(held)
+    return failure
+
+
 class Forwarder:
     """Holds what every request needs, resolved once: upstream base, timeouts, session, recorder."""
 
@@ -185,9 +198,9 @@ class Forwarder:
             facts = inspect_request(body, self._inject_usage)
             record.requested_model = facts.model
             record.stream = facts.stream
-            record.user = facts.user or request.headers.get("X-Ledger-User") or None
+            record.user = facts.user or header_user(request.headers.get("X-Ledger-User"))
         elif record is not None:
-            record.user = request.headers.get("X-Ledger-User") or None
+            record.user = header_user(request.headers.get("X-Ledger-User"))
         key = bearer_key(request.headers) if record is not None else None
 
         assert self.session is not None
@@ -312,9 +325,11 @@ class Forwarder:
             try:
                 chunk = await content.readany()
             except TimeoutError:
-                return ("timeout", "upstream read timed out mid-response")
+                reason = "upstream read timed out mid-response"
+                return await _salvage(response, stream_tap, ("timeout", reason))
             except (aiohttp.ClientError, OSError) as exc:
-                return ("upstream_error", f"upstream connection lost mid-response: {type(exc).__name__}: {exc}")
+                reason = f"upstream connection lost mid-response: {type(exc).__name__}: {exc}"
+                return await _salvage(response, stream_tap, ("upstream_error", reason))
             if stream_tap is not None:
                 out = stream_tap.close(time.perf_counter()) if not chunk else stream_tap.feed(chunk, time.perf_counter())
             else:
@@ -337,8 +352,26 @@ class Forwarder:
         if transport is not None:
             transport.abort()
 
-    @staticmethod
+    @classmethod
     def _complete(
+        cls,
+        record: CompletionRecord,
+        failure: tuple[str, str] | None,
+        stream_tap: StreamTap | None,
+        body_tap: BodyTap | None,
+        chat: bool,
+        started: float,
+    ) -> None:
+        """Classify the call; a parser bug costs the parsed fields, never the row."""
+        try:
+            cls._classify(record, failure, stream_tap, body_tap, chat, started)
+        except Exception:
+            log.exception("parsing the response of request %s failed", record.request_id)
+            record.outcome = "unparsed"
+            record.error = "chatledger could not parse this response (internal error, see its log)"
+
+    @staticmethod
+    def _classify(
         record: CompletionRecord,
         failure: tuple[str, str] | None,
         stream_tap: StreamTap | None,
@@ -369,7 +402,7 @@ class Forwarder:
         ):  # a client that hangs up right after [DONE] got everything: not a disconnect
             record.outcome, record.error = failure[0], record.error or failure[1]
             return
-        if status >= 400:
+        if status >= 400 or (chat and status >= 300):  # a redirect is no completion either
             record.outcome = "upstream_error"
             if not record.error:
                 record.error = _error_summary(status, body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import multiprocessing
@@ -10,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from types import FrameType
 
 from aiohttp import web
@@ -19,6 +21,8 @@ from .config import Config, redact_url
 from .migrate import upgrade_url
 
 log = logging.getLogger("chatledger")
+
+EXIT_GRACE = 5.0
 
 
 def is_loopback(host: str) -> bool:
@@ -43,19 +47,72 @@ def install_uvloop() -> bool:
 
 
 def run_worker(config: Config, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT; in-flight requests get shutdown_grace seconds, then the queue drains."""
+    """Serve until SIGTERM/SIGINT, then stop accepting, give in-flight requests shutdown_grace
+    seconds, drain the queue to the database or the spool, and return.
+
+    Not web.run_app: its teardown waits without bound for every task left after cleanup, and the
+    interpreter then waits for every non-daemon thread (aiosqlite runs one per connection). A
+    database that hangs at the wrong moment would keep the process from ever exiting; here the
+    leftovers get EXIT_GRACE seconds, and a thread still stuck after that does not block the exit.
+    """
     install_uvloop()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve_until_signalled(config, reuse_port))
+    finally:
+        _close_loop(loop)
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck:
+        log.warning("exiting with thread(s) still blocked (a call that never returned): %s", ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+async def _serve_until_signalled(config: Config, reuse_port: bool) -> None:
     app = create_app(config, migrate=False)
-    web.run_app(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        reuse_port=reuse_port or None,
-        shutdown_timeout=config.server.shutdown_grace,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
+    grace = config.server.shutdown_grace
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=grace, handler_cancellation=True, access_log=None
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("already shutting down (in-flight requests get up to %gs)", grace)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await stop.wait()
+        log.info("shutting down: no new connections; in-flight requests get up to %gs", grace)
+    finally:
+        await runner.cleanup()  # stops the site, waits for handlers, then the app's cleanup drains the queue
+    log.info("shut down cleanly")
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            _, pending = loop.run_until_complete(asyncio.wait(leftovers, timeout=EXIT_GRACE))
+            if pending:
+                log.warning("%d task(s) did not finish after shutdown; exiting anyway", len(pending))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        with contextlib.suppress(TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), EXIT_GRACE))
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def serve(config: Config) -> int:
@@ -88,7 +145,8 @@ def _run_workers(config: Config, workers: int) -> int:
         return 2
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker_main, args=(config,), name=f"chatledger-worker-{n}") for n in range(workers)
+        context.Process(target=_worker_main, args=(config,), name=f"chatledger-worker-{n}")
+        for n in range(workers)
     ]
     for process in processes:
         process.start()
@@ -110,6 +168,9 @@ def _run_workers(config: Config, workers: int) -> int:
 
 def _worker_main(config: Config) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    logging.basicConfig(level=config.logging.level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.logging.level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     run_worker(config, reuse_port=True)

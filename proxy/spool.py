@@ -3,12 +3,16 @@
 One JSON line per record, in segment files named so that sorting them is replay order. The segment
 being written is held under an exclusive flock, so several workers can share a spool directory and
 never replay a file another live process is still writing; a crashed process's lock dies with it.
+Rows the database refuses for their content are set aside in `rejected-*.jsonl` files (never
+replayed automatically) so one bad row cannot block the rest.
 Blocking file work: callers run these methods in a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -24,13 +28,51 @@ import orjson
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".jsonl"
+SEGMENT_GLOB = f"spool-*{SEGMENT_SUFFIX}"
+REJECTED_GLOB = f"rejected-*{SEGMENT_SUFFIX}"
 MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+_COUNT_CHUNK = 1024 * 1024
 
 
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError(type(value).__name__)
+
+
+def encode_row(row: dict[str, Any]) -> bytes:
+    """One JSON line; a value orjson refuses falls back to the json module, so encoding never fails."""
+    try:
+        return orjson.dumps(row, default=_default, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return json.dumps(row, default=str, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+
+
+def encode_rows(rows: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(encode_row(row) for row in rows)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a new file's name durable, not only its bytes."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def count_lines(path: Path) -> int:
+    """Records in a spool file without loading it whole."""
+    lines = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_COUNT_CHUNK):
+            lines += chunk.count(b"\n")
+    return lines
 
 
 class Spool:
@@ -41,29 +83,70 @@ class Spool:
         self._current_path: Path | None = None
         self._sequence = 0
 
+    def _new_name(self, prefix: str) -> Path:
+        self._sequence += 1
+        name = f"{prefix}-{time.time_ns():020d}-{os.getpid()}-{self._sequence:06d}{SEGMENT_SUFFIX}"
+        return self.directory / name
+
     def _open_segment(self) -> BinaryIO:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._sequence += 1
-        name = f"spool-{time.time_ns():020d}-{os.getpid()}-{self._sequence:06d}{SEGMENT_SUFFIX}"
-        path = self.directory / name
+        path = self._new_name("spool")
         handle = open(path, "ab")  # noqa: SIM115 - kept open across appends
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        _fsync_directory(self.directory)
         self._current, self._current_path = handle, path
         return handle
 
     def append(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Append rows and fsync; returns how many were written. Raises OSError if the disk refuses."""
-        lines = [orjson.dumps(row, default=_default, option=orjson.OPT_APPEND_NEWLINE) for row in rows]
-        if not lines:
+        """Append rows and fsync; returns how many were written. Raises if the disk refuses.
+
+        A failed write is cut back off the segment (or the segment abandoned), so a torn line can
+        never swallow the next append.
+        """
+        data = encode_rows(rows)
+        if not data:
             return 0
         with self._lock:
             handle = self._current or self._open_segment()
-            handle.write(b"".join(lines))
-            handle.flush()
-            os.fsync(handle.fileno())
+            start = handle.tell()
+            try:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            except BaseException:
+                try:
+                    handle.truncate(start)
+                    handle.flush()
+                except OSError:
+                    pass
+                self._close_current()
+                raise
             if handle.tell() >= MAX_SEGMENT_BYTES:
                 self._close_current()
-        return len(lines)
+        return data.count(b"\n")
+
+    def reject(self, rows: list[dict[str, Any]]) -> Path:
+        """Set rows aside in a new rejected-*.jsonl file (fsynced); they are not replayed."""
+        data = encode_rows(rows)
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self._new_name("rejected")
+        with open(path, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_directory(self.directory)
+        return path
+
+    def probe(self) -> None:
+        """Check the directory takes a file now (after a failure); raises if it does not."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f".probe-{os.getpid()}"
+        with open(path, "wb") as handle:
+            handle.write(b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        path.unlink()
 
     def rotate(self) -> None:
         """Close the segment being written so it can be replayed."""
@@ -74,6 +157,8 @@ class Spool:
         if self._current is not None:
             try:
                 self._current.close()  # releases the flock
+            except OSError:
+                pass
             finally:
                 self._current = None
                 self._current_path = None
@@ -81,21 +166,18 @@ class Spool:
     def segments(self) -> list[Path]:
         """Closed segments, oldest first (the one being written is not included)."""
         try:
-            paths = sorted(self.directory.glob(f"spool-*{SEGMENT_SUFFIX}"))
+            paths = sorted(self.directory.glob(SEGMENT_GLOB))
         except OSError:
             return []
         return [path for path in paths if path != self._current_path]
 
     def backlog(self) -> tuple[int, int]:
         """(segment files, bytes) waiting in the spool, the open segment included."""
-        files = size = 0
-        try:
-            for path in self.directory.glob(f"spool-*{SEGMENT_SUFFIX}"):
-                files += 1
-                size += path.stat().st_size
-        except OSError:
-            pass
-        return files, size
+        return _files_and_bytes(self.directory, SEGMENT_GLOB)
+
+    def rejected(self) -> tuple[int, int]:
+        """(files, bytes) of rows set aside because the database refused them."""
+        return _files_and_bytes(self.directory, REJECTED_GLOB)
 
     def claim(self, path: Path) -> BinaryIO | None:
         """Open a segment for replay if no live process holds it; the caller releases via release()."""
@@ -125,7 +207,7 @@ class Spool:
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
-                log.warning("spool %s: skipping unreadable line %d", handle.name, number)
+                log.error("spool %s: skipping unreadable line %d", handle.name, number)
                 continue
             if isinstance(row, dict):
                 rows.append(row)
@@ -143,12 +225,29 @@ class Spool:
         self.rotate()
 
 
+def _files_and_bytes(directory: Path, pattern: str) -> tuple[int, int]:
+    files = size = 0
+    try:
+        for path in directory.glob(pattern):
+            try:
+                size += path.stat().st_size
+            except OSError:
+                continue
+            files += 1
+    except OSError:
+        pass
+    return files, size
+
+
 def row_from_spool(row: dict[str, Any]) -> dict[str, Any]:
-    """Undo the JSON encoding of a spooled row (timestamps and money)."""
+    """Undo the JSON encoding of a spooled row (timestamps and money); bad values are left for the
+    database to refuse, which sets the row aside."""
     started_at = row.get("started_at")
     if isinstance(started_at, str):
-        row["started_at"] = datetime.fromisoformat(started_at)
+        with contextlib.suppress(ValueError):
+            row["started_at"] = datetime.fromisoformat(started_at)
     cost = row.get("cost")
     if cost is not None:
-        row["cost"] = Decimal(str(cost))
+        with contextlib.suppress(ArithmeticError):
+            row["cost"] = Decimal(str(cost))
     return row

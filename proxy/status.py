@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -9,21 +10,29 @@ from sqlalchemy import func, select
 from .config import Config, default_spool_dir, redact_url
 from .db import ApiKey, Completion, CompletionChoice, Price, create_engine
 from .migrate import current_revision, head_revision
+from .spool import REJECTED_GLOB, SEGMENT_GLOB, count_lines
+
+
+def _spool_files(directory: Path, pattern: str) -> dict[str, int]:
+    files = records = size = 0
+    paths = sorted(directory.glob(pattern)) if directory.is_dir() else []
+    for path in paths:
+        try:
+            size += path.stat().st_size
+            records += count_lines(path)
+        except OSError:
+            continue
+        files += 1
+    return {"files": files, "records": records, "bytes": size}
 
 
 def _spool_backlog(config: Config) -> dict[str, Any]:
+    """Records waiting for replay, and records set aside because the database refused them."""
     directory = default_spool_dir(config.database)
-    files = sorted(directory.glob("spool-*.jsonl")) if directory.is_dir() else []
-    records = 0
-    size = 0
-    for path in files:
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        size += len(data)
-        records += data.count(b"\n")
-    return {"directory": str(directory), "files": len(files), "records": records, "bytes": size}
+    backlog: dict[str, Any] = {"directory": str(directory)}
+    backlog.update(_spool_files(directory, SEGMENT_GLOB))
+    backlog["rejected"] = _spool_files(directory, REJECTED_GLOB)
+    return backlog
 
 
 async def database_status(config: Config) -> dict[str, Any]:
@@ -68,4 +77,10 @@ def format_status(status: dict[str, Any]) -> str:
         f"spool:     {spool['records']:,} record(s) in {spool['files']} file(s), {spool['bytes']:,} bytes "
         f"({spool['directory']})"
     )
+    rejected = spool["rejected"]
+    if rejected["records"]:
+        lines.append(
+            f"rejected:  {rejected['records']:,} record(s) the database refused, in {rejected['files']} "
+            f"rejected-*.jsonl file(s)"
+        )
     return "\n".join(lines)
