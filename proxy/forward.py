@@ -331,7 +331,8 @@ class Forwarder:
                 reason = f"upstream connection lost mid-response: {type(exc).__name__}: {exc}"
                 return await _salvage(response, stream_tap, ("upstream_error", reason))
             if stream_tap is not None:
-                out = stream_tap.close(time.perf_counter()) if not chunk else stream_tap.feed(chunk, time.perf_counter())
+                now = time.perf_counter()
+                out = stream_tap.feed(chunk, now) if chunk else stream_tap.close(now)
             else:
                 if body_tap is not None and chunk:
                     body_tap.feed(chunk)

@@ -28,8 +28,8 @@ from proxy.db import choices_table, completions_table, create_engine
 from proxy.keys import RECORDER
 from proxy.recorder import Recorder
 
-from .upstream import FakeUpstream, json_reply
 from .payloads import OPENAI_BASIC
+from .upstream import FakeUpstream, json_reply
 
 PG_ENV = "CHATLEDGER_TEST_POSTGRES_URL"
 PG_SKIP_REASON = f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test); .ci/run sets it"
@@ -96,15 +96,15 @@ class Ledger:
     def recorder(self) -> Recorder:
         return self.app[RECORDER]
 
-    async def rows(self, count: int = 0, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def rows(self, count: int = 0, patience: float = 10.0) -> list[dict[str, Any]]:
         """Every logged completion (oldest first), each with its `choices`, after the writer caught up.
 
         A handler hands its record over only after the client has its last byte, so a test that just
         finished reading may be ahead of it: with `count`, wait until at least that many rows exist.
         """
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + patience
         while True:
-            await self.recorder.wait_idle(timeout)
+            await self.recorder.wait_idle(patience)
             completions = await self._select()
             if len(completions) >= count or asyncio.get_running_loop().time() > deadline:
                 return completions

@@ -18,11 +18,11 @@ depends_on: str | Sequence[str] | None = None
 BigIntPK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def Timestamp() -> sa.DateTime:  # noqa: N802 - reads like a type
+def Timestamp() -> sa.DateTime:
     return sa.DateTime(timezone=True)
 
 
-def Money() -> sa.Numeric:  # noqa: N802
+def Money() -> sa.Numeric:
     return sa.Numeric(24, 12, asdecimal=False)
 
 
