@@ -282,6 +282,25 @@ def _has_content(delta: Any) -> bool:
 STREAM_CUT_OFF = "stream ended before the completion finished (no finish_reason, no [DONE])"
 
 
+_ALWAYS_PARSE = (b'"error"', b"x_groq", b"[DONE]", b'"response"')
+
+
+def chunk_may_matter(data: bytes) -> bool:
+    """False only for stream bytes that certainly carry no finish reason, usage, error or [DONE].
+
+    A byte search, far cheaper than parsing: once a stream's identity and first content are known,
+    the content deltas in between need no parsing. Unusual spacing only makes this answer True.
+    """
+    for marker in _ALWAYS_PARSE:
+        if marker in data:
+            return True
+    finish = data.count(b'finish_reason"')
+    if finish and finish != data.count(b'finish_reason":null') + data.count(b'finish_reason": null'):
+        return True
+    usage = data.count(b'"usage"')
+    return bool(usage) and usage != data.count(b'"usage":null') + data.count(b'"usage": null')
+
+
 class StreamFolder:
     """Folds streamed chunks (SSE data payloads) into one record.
 
@@ -290,11 +309,22 @@ class StreamFolder:
     """
 
     __slots__ = (
-        "_by_index", "content_seen", "data_events", "done", "failed", "parsed_events", "record", "usage"
+        "_by_index",
+        "_expected_choices",
+        "content_seen",
+        "data_events",
+        "done",
+        "failed",
+        "parsed_events",
+        "record",
+        "settled",
+        "usage",
     )
 
-    def __init__(self, record: CompletionRecord) -> None:
+    def __init__(self, record: CompletionRecord, expected_choices: int = 1) -> None:
         self.record = record
+        self._expected_choices = expected_choices
+        self.settled = False  # identity, first content and every choice's role known
         self._by_index: dict[int, ChoiceRecord] = {}
         self.usage: dict[str, Any] | None = None
         self.done = False
@@ -311,6 +341,8 @@ class StreamFolder:
         if self.done:
             return False, self._late_usage(data)
         self.data_events += 1
+        if self.settled and not chunk_may_matter(data):
+            return False, False
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -359,6 +391,13 @@ class StreamFolder:
             record.error = error
         if carries_content:
             self.content_seen = True
+        if not self.settled:
+            self.settled = (
+                self.content_seen
+                and record.completion_id is not None
+                and len(self._by_index) >= self._expected_choices
+                and all(state.role is not None for state in self._by_index.values())
+            )
         usage_only = (
             isinstance(choices, list) and not choices and isinstance(obj.get("usage"), dict) and not error
         )

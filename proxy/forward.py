@@ -280,7 +280,9 @@ class Forwarder:
                     record.upstream_request_id = value[:200]
                     break
             if is_sse and chat and upstream.status < 300:
-                stream_tap = StreamTap(record, encoding, strip_usage_chunk=facts.usage_injected)
+                stream_tap = StreamTap(
+                    record, encoding, strip_usage_chunk=facts.usage_injected, expected_choices=facts.choices
+                )
                 if stream_tap.stripping:
                     headers.popall("Content-Length", None)
             else:

@@ -29,6 +29,7 @@ class RequestFacts:
     user: str | None = None
     wants_usage: bool = False
     usage_injected: bool = False
+    choices: int = 1
     body: bytes = b""
 
 
@@ -47,6 +48,9 @@ def inspect_request(body: bytes, inject_usage: bool) -> RequestFacts:
     if isinstance(model, str) and model:
         facts.model = clean_text(model)[:MAX_USER_CHARS] or None
     facts.stream = obj.get("stream") is True
+    n = obj.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 128:
+        facts.choices = n
     user = obj.get("user")
     if isinstance(user, str) and user:
         facts.user = clean_text(user)[:MAX_USER_CHARS] or None

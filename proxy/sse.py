@@ -82,6 +82,28 @@ class SSEDecoder:
         """Bytes held for an incomplete line and event (bounded by about twice max_event_bytes)."""
         return self._partial_bytes + self._data_bytes
 
+    @property
+    def at_boundary(self) -> bool:
+        """Nothing is pending: the next byte fed starts a new block."""
+        return (
+            self._block_start == self._offset
+            and not self._partial
+            and not self._data
+            and not self._skip_lf
+            and not self._discard_line
+            and not self._oversized
+            and not self._first_line
+        )
+
+    def skip(self, chunk: bytes) -> None:
+        """Account for a read of whole blocks the caller chose not to decode.
+
+        Only valid at_boundary, for a read that ends with a blank line (b"\n\n") and has no CR.
+        """
+        self._offset += len(chunk)
+        self._block_start = self._offset
+        self._cr_event = None
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         events: list[SSEEvent] = []
         size = len(chunk)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from typing import Protocol
 
-from .completions import CompletionRecord, StreamFolder
+from .completions import CompletionRecord, StreamFolder, chunk_may_matter
 from .sse import SSEDecoder, SSEEvent
 
 MAX_PARSED_BODY = 16 * 1024 * 1024
@@ -111,8 +111,10 @@ class StreamTap:
         "stripped",
     )
 
-    def __init__(self, record: CompletionRecord, encoding: str | None, strip_usage_chunk: bool) -> None:
-        self.folder = StreamFolder(record)
+    def __init__(
+        self, record: CompletionRecord, encoding: str | None, strip_usage_chunk: bool, expected_choices: int = 1
+    ) -> None:
+        self.folder = StreamFolder(record, expected_choices)
         self._sse = SSEDecoder()
         self._readable = True
         try:
@@ -134,6 +136,18 @@ class StreamTap:
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Take one upstream read; returns the bytes to send the client now."""
+        if (
+            self.folder.settled
+            and self._decoder is None
+            and chunk.endswith(b"\n\n")
+            and self._sse.at_boundary
+            and b"\r" not in chunk
+            and not chunk_may_matter(chunk)
+        ):  # whole blocks of plain content deltas: nothing to learn, nothing to hold back
+            self._sse.skip(chunk)
+            if self._strip:
+                self._held_start = self._sse.offset
+            return chunk
         drops: list[SSEEvent] = []
         if self._readable:
             data = chunk

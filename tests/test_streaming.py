@@ -109,6 +109,41 @@ def test_tap_in_irregular_pieces(case: StreamCase, strip: bool) -> None:
         record_matches(tap.folder.record, case)
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("strip", [True, False])
+@pytest.mark.parametrize("per_read", [1, 2, 3])
+def test_tap_reads_of_whole_events_give_the_same_record(case: StreamCase, strip: bool, per_read: int) -> None:
+    """Upstreams usually send whole events per read: the tap then skips the content deltas it needs
+    no parse for, and must still produce exactly the record and bytes of a byte-by-byte decode."""
+    blocks = case.blocks
+    pieces = [b"".join(blocks[i : i + per_read]) for i in range(0, len(blocks), per_read)]
+    out, tap = run_tap(pieces, strip)
+    assert out == expected_bytes(case, strip)
+    record_matches(tap.folder.record, case)
+    assert tap.folder.failed == (case.row["outcome"] != "ok")
+
+
+def test_tap_skips_parsing_plain_content_deltas_once_settled() -> None:
+    """A long stream of content deltas is mostly not parsed: only the first chunks and the end."""
+    base = {"id": "chatcmpl-long", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}]
+    events += [{**base, "choices": [{"index": 0, "delta": {"content": f"w{n} "}, "finish_reason": None}],
+                "usage": None} for n in range(200)]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "usage": None})
+    events.append({**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 200,
+                                                     "total_tokens": 203}})
+    blocks = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+    for per_read in (1, 10):
+        pieces = [b"".join(blocks[i : i + per_read]) for i in range(0, len(blocks), per_read)]
+        out, tap = run_tap(pieces, strip=True)
+        record = tap.folder.record
+        assert out == b"".join(blocks[:-2] + blocks[-1:])  # the injected usage chunk removed
+        assert (record.completion_id, record.prompt_tokens, record.completion_tokens) == ("chatcmpl-long", 3, 200)
+        assert [(c.index, c.finish_reason, c.role) for c in record.choices] == [(0, "length", "assistant")]
+        assert tap.folder.parsed_events < 15, tap.folder.parsed_events
+
+
 def test_tap_passthrough_returns_each_read_as_is() -> None:
     body = OPENAI_INCLUDE_USAGE.body
     tap = StreamTap(new_record(), None, strip_usage_chunk=False)
