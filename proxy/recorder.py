@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
@@ -35,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .completions import ChoiceRecord, CompletionRecord
 from .db import choices_table, completions_table
 from .spool import Spool, row_from_spool
+from .writes import BatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ DATA_SQLSTATE_CLASSES = frozenset({"22", "23"})  # data exception, integrity con
 
 T = TypeVar("T")
 
-_insert_completions = insert(completions_table)
 _insert_choices = insert(choices_table).values(
     completion_pk=select(completions_table.c.id)
     .where(completions_table.c.request_id == bindparam("choice_request_id"))
@@ -77,21 +78,25 @@ def safe_text(value: str) -> str:
     return value.replace("\x00", "") if "\x00" in value else value
 
 
-def _safe(value: Any) -> Any:
-    if isinstance(value, str):
-        return safe_text(value)
-    if isinstance(value, dict):
-        return {safe_text(str(k)): _safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_safe(v) for v in value]
-    return value
+_record_values = operator.attrgetter(*COLUMNS)
+_UNTRUSTED_TEXT = ("path", "user", "upstream_request_id", "error")  # may hold header bytes or OS messages
 
 
 def record_to_row(record: CompletionRecord) -> dict[str, Any]:
-    """A record as a plain dict: the completions columns plus a `choices` list."""
-    row = {name: _safe(getattr(record, name)) for name in COLUMNS}
+    """A record as a plain dict: the completions columns plus a `choices` list.
+
+    Text parsed from JSON is already clean (orjson refuses lone surrogates; parsing drops NUL); the
+    few fields that can carry undecodable header bytes are cleaned here, so no row can poison a batch.
+    """
+    row = dict(zip(COLUMNS, _record_values(record), strict=True))
+    for name in _UNTRUSTED_TEXT:
+        value = row[name]
+        if value is not None:
+            row[name] = safe_text(value)
+    if record.tags:
+        row["tags"] = {safe_text(str(key)): safe_text(str(value)) for key, value in record.tags.items()}
     row["choices"] = [
-        {name: _safe(getattr(choice, name)) for name in CHOICE_COLUMNS} for choice in record.choices
+        {name: getattr(choice, name) for name in CHOICE_COLUMNS} for choice in record.choices
     ]
     return row
 
@@ -169,6 +174,7 @@ class Recorder:
         on_batch: Callable[[list[CompletionRecord]], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._writer = BatchWriter(engine.dialect.name)
         self.spool = Spool(spool_dir)
         self._queue_max = queue_max
         self._batch_max = batch_max
@@ -414,16 +420,17 @@ class Recorder:
         the rows actually inserted get their choices, even if another writer races us."""
         if dedupe:  # the spool may hold a row twice (spooled by the guard, then again after a failure)
             rows = list({row.get("request_id"): row for row in reversed(rows)}.values())[::-1]
-        columns = [{name: row.get(name) for name in COLUMNS} for row in rows]
         async with self._engine.begin() as conn:
             if dedupe:
+                columns = [{name: row.get(name) for name in COLUMNS} for row in rows]
                 result = await conn.execute(
                     self._insert_ignoring_duplicates().returning(completions_table.c.request_id), columns
                 )
                 inserted = set(result.scalars())
                 rows = [row for row in rows if row.get("request_id") in inserted]
             else:
-                await conn.execute(_insert_completions, columns)
+                await self._writer.insert(conn, rows)
+                return
             choices = _choice_params(rows)
             if choices:
                 await conn.execute(_insert_choices, choices)

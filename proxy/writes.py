@@ -1,0 +1,149 @@
+"""Batch INSERTs at driver level: the writer's hot path.
+
+SQLAlchemy's per-row parameter processing costs more than the database does for these small rows, so
+a batch goes to the driver as plain tuples: SQLite gets one prepared INSERT run by executemany,
+PostgreSQL a binary COPY (asyncpg). Values are converted here exactly as the SQLAlchemy types in db.py
+store them, so the ORM reads these rows back unchanged. Choices find their completion by its unique
+request_id. Measured on 2 cores: about 23k rows/s into SQLite, 27k into PostgreSQL (bench/writer_bench).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .db import choices_table, completions_table
+
+COLUMNS: tuple[str, ...] = tuple(c.name for c in completions_table.columns if c.name != "id")
+CHOICE_COLUMNS = ("index", "finish_reason", "native_finish_reason", "role")
+_JSON_COLUMNS = frozenset({"usage", "tags"})
+
+
+def _placeholders(dialect: str, count: int, start: int = 1) -> list[str]:
+    return ["?"] * count if dialect == "sqlite" else [f"${n}" for n in range(start, start + count)]
+
+
+def _quoted(name: str) -> str:
+    return f'"{name}"'
+
+
+def insert_sql(dialect: str) -> tuple[str, str]:
+    """(completions INSERT, choices INSERT) for a dialect's paramstyle."""
+    marks = _placeholders(dialect, len(COLUMNS))
+    completions = (
+        f"INSERT INTO {completions_table.name} ({', '.join(map(_quoted, COLUMNS))}) VALUES ({', '.join(marks)})"
+    )
+    first, *rest = _placeholders(dialect, 1 + len(CHOICE_COLUMNS))
+    choices = (
+        f"INSERT INTO {choices_table.name} (completion_pk, {', '.join(map(_quoted, CHOICE_COLUMNS))}) "
+        f"VALUES ((SELECT id FROM {completions_table.name} WHERE request_id = {first}), {', '.join(rest)})"
+    )
+    return completions, choices
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _sqlite_time(value: datetime) -> str:
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return f"{value:%Y-%m-%d %H:%M:%S.%f}"
+
+
+def _sqlite_money(value: Any) -> float:
+    return float(value)
+
+
+def _postgres_time(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _postgres_money(value: Any) -> Decimal:
+    return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def _converters(dialect: str) -> list[Callable[[Any], Any] | None]:
+    sqlite = dialect == "sqlite"
+    by_name: dict[str, Callable[[Any], Any]] = {
+        "started_at": _sqlite_time if sqlite else _postgres_time,
+        "cost": _sqlite_money if sqlite else _postgres_money,
+        "usage": _json,
+        "tags": _json,
+    }
+    if sqlite:
+        by_name["stream"] = int
+    return [by_name.get(name) for name in COLUMNS]
+
+
+def choices_unnest_sql() -> str:
+    """PostgreSQL: all of a batch's choices in one INSERT ... SELECT FROM unnest(arrays)."""
+    return (
+        f"INSERT INTO {choices_table.name} (completion_pk, {', '.join(map(_quoted, CHOICE_COLUMNS))}) "
+        f"SELECT c.id, x.i, x.f, x.n, x.r FROM unnest($1::varchar[], $2::integer[], $3::text[], $4::text[], "
+        f"$5::text[]) AS x(rid, i, f, n, r) JOIN {completions_table.name} c ON c.request_id = x.rid"
+    )
+
+
+class BatchWriter:
+    """Inserts rows (dicts of column values plus a `choices` list) in one transaction, two statements."""
+
+    def __init__(self, dialect: str) -> None:
+        self._columnar = dialect == "postgresql"
+        self._completions_sql, self._choices_sql = insert_sql(dialect)
+        if self._columnar:  # COPY for completions (binary, the fastest path asyncpg has), unnest for choices
+            self._choices_sql = choices_unnest_sql()
+        self._convert = list(zip(COLUMNS, _converters(dialect), strict=True))
+
+    def params(self, rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Row-major parameter tuples for both tables."""
+        convert = self._convert
+        completions: list[tuple[Any, ...]] = []
+        choices: list[tuple[Any, ...]] = []
+        for row in rows:
+            values = []
+            for name, converter in convert:
+                value = row.get(name)
+                if converter is not None and value is not None:
+                    value = converter(value)
+                values.append(value)
+            completions.append(tuple(values))
+            row_choices = row.get("choices")
+            if isinstance(row_choices, list):
+                request_id = row.get("request_id")
+                for choice in row_choices:
+                    if isinstance(choice, dict):
+                        choices.append(
+                            (
+                                request_id,
+                                choice.get("index"),
+                                choice.get("finish_reason"),
+                                choice.get("native_finish_reason"),
+                                choice.get("role"),
+                            )
+                        )
+        return completions, choices
+
+    async def insert(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+        completions, choices = self.params(rows)
+        if self._columnar:
+            if completions:
+                # SQLAlchemy's asyncpg adapter opens its transaction on the first statement it runs; a
+                # COPY sent straight to the driver would otherwise commit on its own, apart from the choices
+                await conn.exec_driver_sql("SELECT 1")
+                raw = await conn.get_raw_connection()
+                await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+                    completions_table.name, records=completions, columns=COLUMNS
+                )
+            if choices:
+                await conn.exec_driver_sql(self._choices_sql, tuple(map(list, zip(*choices, strict=True))))
+            return
+        if completions:
+            await conn.exec_driver_sql(self._completions_sql, completions)
+        if choices:
+            await conn.exec_driver_sql(self._choices_sql, choices)
