@@ -48,6 +48,7 @@ class DatabaseConfig:
     queue_max: int = 100_000
     batch_max: int = 2_000
     write_timeout: float = 5.0
+    flush_interval: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +261,10 @@ def validate(config: Config) -> Config:
     ):
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number of seconds, got {value}")
+    if not 0 <= config.database.flush_interval <= 1:
+        raise ConfigError(
+            f"database.flush_interval: expected 0 to 1 seconds, got {config.database.flush_interval}"
+        )
     if config.database.queue_max < 1:
         raise ConfigError("database.queue_max: expected at least 1")
     if config.database.batch_max < 1:

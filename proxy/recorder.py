@@ -171,6 +171,7 @@ class Recorder:
         batch_max: int = 2_000,
         write_timeout: float = 5.0,
         hold_max: float = HOLD_MAX,
+        flush_interval: float = 0.0,
         on_batch: Callable[[list[CompletionRecord]], None] | None = None,
     ) -> None:
         self._engine = engine
@@ -181,6 +182,7 @@ class Recorder:
         self._batch = batch_max  # adapts: halved when the database times out, doubled back on success
         self._write_timeout = write_timeout
         self.hold_max = hold_max
+        self._flush_interval = flush_interval
         self._on_batch = on_batch
         self._pending: deque[tuple[float, CompletionRecord]] = deque()  # (submitted at, record)
         self._overflow: list[CompletionRecord] = []
@@ -304,6 +306,10 @@ class Recorder:
                 await self._store(rows)
                 continue
             if self._pending and self._can_store():
+                linger = self._pending[0][0] + self._flush_interval - time.monotonic()
+                if linger > 0 and len(self._pending) < self._batch and not self._closing:
+                    await asyncio.sleep(linger)  # let a batch gather: per-batch costs dwarf per-row ones
+                    continue
                 take = self._batch if self._db_usable() else len(self._pending)
                 items = [self._pending.popleft() for _ in range(min(len(self._pending), take))]
                 await self._store(self._rows([record for _, record in items]), items[0][0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -90,6 +91,16 @@ def choices_unnest_sql() -> str:
     )
 
 
+SQLITE_MAX_VARIABLES = 32766  # SQLite >= 3.32; older builds allow 999
+
+
+@lru_cache(maxsize=64)
+def _multi_row(statement: str, rows: int) -> str:
+    """`INSERT ... VALUES (row)` repeated for `rows` rows (cached: batch sizes repeat under load)."""
+    head, _, row = statement.partition(" VALUES ")
+    return f"{head} VALUES {', '.join([row] * rows)}"
+
+
 class BatchWriter:
     """Inserts rows (dicts of column values plus a `choices` list) in one transaction, two statements."""
 
@@ -99,6 +110,7 @@ class BatchWriter:
         if self._columnar:  # COPY for completions (binary, the fastest path asyncpg has), unnest for choices
             self._choices_sql = choices_unnest_sql()
         self._convert = list(zip(COLUMNS, _converters(dialect), strict=True))
+        self._max_variables = SQLITE_MAX_VARIABLES
 
     def params(self, rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """Row-major parameter tuples for both tables."""
@@ -143,7 +155,12 @@ class BatchWriter:
             if choices:
                 await conn.exec_driver_sql(self._choices_sql, tuple(map(list, zip(*choices, strict=True))))
             return
-        if completions:
-            await conn.exec_driver_sql(self._completions_sql, completions)
-        if choices:
-            await conn.exec_driver_sql(self._choices_sql, choices)
+        # SQLite: a multi-row VALUES per chunk, not executemany, which releases and retakes the GIL for
+        # every row: with the event loop busy, each retake waits out the switch interval (up to 5 ms)
+        for statement, params in ((self._completions_sql, completions), (self._choices_sql, choices)):
+            if not params:
+                continue
+            step = max(1, min(500, self._max_variables // len(params[0])))
+            for start in range(0, len(params), step):
+                chunk = params[start : start + step]
+                await conn.exec_driver_sql(_multi_row(statement, len(chunk)), tuple(v for row in chunk for v in row))

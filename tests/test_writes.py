@@ -1,0 +1,89 @@
+"""The driver-level batch writer must store exactly what the SQLAlchemy types in db.py would, on both
+databases: the ORM reads every value back unchanged, however many rows and choices a batch has."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import selectinload
+
+from proxy.completions import ChoiceRecord, CompletionRecord
+from proxy.db import Completion, CompletionChoice, create_engine
+from proxy.migrate import upgrade
+from proxy.recorder import record_to_row
+from proxy.writes import BatchWriter
+
+
+def make_records(count: int) -> list[CompletionRecord]:
+    start = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    records = []
+    for n in range(count):
+        records.append(
+            CompletionRecord(
+                request_id=str(uuid.uuid4()),
+                started_at=start + timedelta(microseconds=n * 1001),  # n=0: microsecond 0 exactly
+                method="POST",
+                path=f"/v1/chat/completions?n={n}",
+                upstream="https://api.example",
+                duration_ms=n / 7,
+                ttft_ms=None if n % 5 else n / 11,
+                status_code=200 if n % 9 else 429,
+                outcome="ok" if n % 9 else "upstream_error",
+                stream=bool(n % 2),
+                requested_model="gpt-4o",
+                completion_id=f"chatcmpl-{n % 50}",  # ids repeat: not unique
+                created=1741570283 + n,
+                model="gpt-4o-2024-08-06",
+                provider="OpenAI" if n % 3 == 0 else None,
+                prompt_tokens=n,
+                completion_tokens=2 * n,
+                total_tokens=3 * n,
+                cached_tokens=n // 2,
+                cost=Decimal("0.000123456789") * n if n % 4 else None,
+                cost_source="upstream" if n % 4 else None,
+                usage={"prompt_tokens": n, "nested": {"list": [1, "two", None]}, "text": "ünï ✓"},
+                api_key_hash="0123456789abcdef",
+                user=f"user-{n % 3}",
+                tags={"team": "search", "n": str(n)} if n % 2 else None,
+                error="HTTP 429: slow down" if n % 9 == 0 else None,
+                choices=[ChoiceRecord(i, "stop" if i else "length", "end_turn", "assistant") for i in range(n % 4)],
+            )
+        )
+    return records
+
+
+async def test_batch_writer_round_trips_every_value(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        records = make_records(1234)  # over the 500-row chunk of a SQLite multi-row INSERT, twice
+        writer = BatchWriter(engine.dialect.name)
+        async with engine.begin() as conn:
+            await writer.insert(conn, [record_to_row(r) for r in records])
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        async with sessions() as session:
+            stored = {
+                c.request_id: c
+                for c in (
+                    await session.execute(select(Completion).options(selectinload(Completion.choices)))
+                ).scalars()
+            }
+            choice_count = (await session.execute(select(func.count()).select_from(CompletionChoice))).scalar_one()
+        assert len(stored) == len(records)
+        assert choice_count == sum(len(r.choices) for r in records)
+        for record in records:
+            row = stored[record.request_id]
+            for name in record_to_row(record):
+                if name == "choices":
+                    continue
+                assert getattr(row, name) == getattr(record, name), name
+            assert row.started_at.tzinfo is not None
+            assert [(c.index, c.finish_reason, c.native_finish_reason, c.role) for c in row.choices] == [
+                (c.index, c.finish_reason, c.native_finish_reason, c.role) for c in record.choices
+            ]
+    finally:
+        await engine.dispose()
