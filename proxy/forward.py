@@ -24,7 +24,15 @@ from yarl import URL
 
 from .completions import CompletionRecord, parse_completion_body
 from .config import Config
-from .request_facts import RequestFacts, bearer_key, header_user, inspect_request, key_fingerprint, parse_tags
+from .request_facts import (
+    RequestFacts,
+    bearer_key,
+    header_user,
+    inspect_request,
+    key_fingerprint,
+    parse_tags,
+    redact_query,
+)
 from .taps import BodyTap, StreamTap
 
 log = logging.getLogger(__name__)
@@ -73,21 +81,31 @@ def json_error(status: int, message: str, error_type: str, code: str, request_id
 
 
 def _connection_named(headers: Any) -> frozenset[str]:
+    """Header names listed in `Connection` (hop-by-hop by declaration, RFC 9110 7.6.1)."""
     names = set()
     for value in headers.getall("Connection", ()):
-        names.update(part.strip().lower() for part in value.split(","))
+        for part in value.split(","):
+            name = part.strip().lower()
+            if name not in CONNECTION_OPTIONS:
+                names.add(name)
     return frozenset(names)
 
 
-def forwardable_request_headers(headers: Any) -> CIMultiDict[str]:
+CONNECTION_OPTIONS = frozenset({"keep-alive", "close", ""})  # the usual values name no header
+
+
+def forwardable_request_headers(headers: Any) -> tuple[CIMultiDict[str], str | None]:
+    """The headers to send upstream, and why the request must be refused (a host-steering header)."""
     dropped = _connection_named(headers) if "Connection" in headers else frozenset()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in NOT_FORWARDED_REQUEST or lower in dropped or lower.startswith("x-ledger-"):
+        if lower in NOT_FORWARDED_REQUEST or lower.startswith("x-ledger-") or (dropped and lower in dropped):
             continue
+        if lower in STEERING_HEADERS or (lower == "forwarded" and "host=" in value.lower()):
+            return out, f"header {name} is not accepted: the upstream is fixed by configuration"
         out.add(name, value)
-    return out
+    return out, None
 
 
 def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
@@ -95,23 +113,18 @@ def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in NOT_FORWARDED_RESPONSE or lower in dropped:
+        if lower in NOT_FORWARDED_RESPONSE or (dropped and lower in dropped):
             continue
         out.add(name, value)
     return out
 
 
 def refusal(request: web.Request) -> str | None:
-    """Why a request may not pass (the proxy is not an open proxy), or None."""
+    """Why a request target may not pass (the proxy is not an open proxy), or None."""
     if request.method == "CONNECT":
         return "CONNECT is not supported: chatledger forwards only to its configured upstream"
-    target = request.raw_path
-    if not target.startswith("/"):
+    if not request.raw_path.startswith("/"):
         return "absolute-form request targets are not accepted: send the path only"
-    for name in request.headers:
-        lower = name.lower()
-        if lower in STEERING_HEADERS or (lower == "forwarded" and "host=" in request.headers[name].lower()):
-            return f"header {name} is not accepted: the upstream is fixed by configuration"
     return None
 
 
@@ -148,20 +161,21 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         reason = refusal(request)
+        if reason is None:
+            headers, reason = forwardable_request_headers(request.headers)
         if reason is not None:
             return json_error(400, reason, "invalid_request_error", "proxy_refused")
         started = time.perf_counter()
-        started_at = datetime.now(UTC)
         method = request.method
-        path = request.raw_path
         chat = method == "POST" and request.path.endswith("/chat/completions")
         record: CompletionRecord | None = None
+        key: str | None = None
         if chat or self._all_paths:
             record = CompletionRecord(
                 request_id=str(uuid.uuid4()),
-                started_at=started_at,
+                started_at=datetime.now(UTC),
                 method=method[:16],
-                path=path,
+                path=redact_query(request.raw_path),
                 upstream=self._upstream,
             )
             key = bearer_key(request.headers)
@@ -170,7 +184,7 @@ class Forwarder:
             if "X-Ledger-Tags" in request.headers:
                 record.tags = parse_tags(request.headers.getall("X-Ledger-Tags"))
         try:
-            return await self._forward(request, record, chat, started)
+            return await self._forward(request, headers, record, chat, started, key)
         except asyncio.CancelledError:
             if record is not None and record.duration_ms is None:
                 record.outcome = "client_disconnected"
@@ -185,7 +199,13 @@ class Forwarder:
         self._submit(record)
 
     async def _forward(
-        self, request: web.Request, record: CompletionRecord | None, chat: bool, started: float
+        self,
+        request: web.Request,
+        headers: CIMultiDict[str],
+        record: CompletionRecord | None,
+        chat: bool,
+        started: float,
+        key: str | None,
     ) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > self._max_body:
             return self._too_large(record, started)
@@ -201,11 +221,9 @@ class Forwarder:
             record.user = facts.user or header_user(request.headers.get("X-Ledger-User"))
         elif record is not None:
             record.user = header_user(request.headers.get("X-Ledger-User"))
-        key = bearer_key(request.headers) if record is not None else None
 
         assert self.session is not None
         url = URL(self._upstream + request.raw_path, encoded=True)
-        headers = forwardable_request_headers(request.headers)
         try:
             upstream_cm = self.session.request(
                 request.method,
@@ -267,7 +285,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         headers_at = time.perf_counter()
         headers = forwardable_response_headers(upstream.headers)
-        is_sse = upstream.content_type == "text/event-stream"
+        is_sse = upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
         encoding = upstream.headers.get("Content-Encoding")
         body_tap: BodyTap | None = None
         stream_tap: StreamTap | None = None

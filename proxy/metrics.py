@@ -8,6 +8,7 @@ names are counted as "other" instead of growing the registry without bound.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -126,26 +127,50 @@ class LedgerMetrics:
         return model
 
     def observe(self, records: Sequence[CompletionRecord]) -> None:
-        """Count a batch of records (called by the writer before it inserts them)."""
+        """Count a batch of records (called by the writer before it inserts them).
+
+        Sums per label set first: a labels() lookup costs more than the arithmetic, and a batch of
+        hundreds of records usually has a handful of label sets.
+        """
+        requests: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        sums: dict[tuple[str, str], list[float]] = {}
+        durations: dict[tuple[str, str], list[float]] = {}
+        ttfts: dict[tuple[str, str], list[float]] = {}
         for record in records:
             labels = (record.upstream, self._model(record))
             status = str(record.status_code) if record.status_code is not None else "none"
-            self.requests.labels(*labels, status, record.outcome).inc()
+            requests[(*labels, status, record.outcome)] += 1
+            totals = sums.get(labels)
+            if totals is None:
+                totals = sums[labels] = [0, 0, 0, 0.0, 0]
+            totals[0] += record.prompt_tokens or 0
+            totals[1] += record.completion_tokens or 0
+            totals[2] += record.cached_tokens or 0
+            if record.cost is not None:
+                totals[3] += float(record.cost)
+            else:
+                totals[4] += 1
+            if record.duration_ms is not None:
+                durations.setdefault(labels, []).append(record.duration_ms / 1000)
+            if record.ttft_ms is not None and record.stream:  # non-streamed calls: time to headers
+                ttfts.setdefault(labels, []).append(record.ttft_ms / 1000)
+        for histogram, samples in ((self.duration, durations), (self.ttft, ttfts)):
+            for labels, values in samples.items():
+                child = histogram.labels(*labels)
+                for value in values:
+                    child.observe(value)
+        for key, count in requests.items():
+            self.requests.labels(*key).inc(count)
+        for labels, (prompt, completion, cached, cost, unpriced) in sums.items():
             for counter, value in (
-                (self.prompt_tokens, record.prompt_tokens),
-                (self.completion_tokens, record.completion_tokens),
-                (self.cached_tokens, record.cached_tokens),
+                (self.prompt_tokens, prompt),
+                (self.completion_tokens, completion),
+                (self.cached_tokens, cached),
+                (self.cost, cost),
+                (self.unpriced, unpriced),
             ):
                 if value:
                     counter.labels(*labels).inc(value)
-            if record.cost is not None:
-                self.cost.labels(*labels).inc(float(record.cost))
-            else:
-                self.unpriced.labels(*labels).inc()
-            if record.duration_ms is not None:
-                self.duration.labels(*labels).observe(record.duration_ms / 1000)
-            if record.ttft_ms is not None and record.stream:  # non-streamed calls: time to headers
-                self.ttft.labels(*labels).observe(record.ttft_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -82,6 +83,24 @@ def header_user(value: str | None) -> str | None:
     if not value:
         return None
     return clean_text(value.strip())[:MAX_USER_CHARS] or None
+
+
+SECRET_QUERY_PARAMETERS = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token", "code"})
+
+
+def redact_query(target: str) -> str:
+    """The request target as logged: values of key-like query parameters (`?key=...`, as Gemini's
+    OpenAI-compatible endpoint takes) become `[redacted]`, so no key reaches the database."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    parts = []
+    for part in query.split("&"):
+        name, equals, _ = part.partition("=")
+        if equals and unquote_plus(name).lower() in SECRET_QUERY_PARAMETERS:
+            part = f"{name}=[redacted]"
+        parts.append(part)
+    return f"{path}?{'&'.join(parts)}"
 
 
 @lru_cache(maxsize=4096)

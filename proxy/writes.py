@@ -52,9 +52,13 @@ def _json(value: Any) -> str | None:
 
 
 def _sqlite_time(value: datetime) -> str:
+    """SQLAlchemy's SQLite DATETIME text, `YYYY-MM-DD HH:MM:SS.ffffff` in UTC (str() is the fast way)."""
     if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return f"{value:%Y-%m-%d %H:%M:%S.%f}"
+        if value.utcoffset():
+            value = value.astimezone(UTC)
+        value = value.replace(tzinfo=None)
+    text = str(value)
+    return text if value.microsecond else text + ".000000"
 
 
 def _sqlite_money(value: Any) -> float:

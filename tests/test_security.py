@@ -15,8 +15,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from sqlalchemy import select
 
 from proxy.config import Config
+from proxy.db import completions_table
 from proxy.request_facts import key_fingerprint
 
 from .conftest import Ledger, make_config, start_ledger
@@ -271,3 +273,19 @@ def test_binding_beyond_loopback_without_a_token_warns(
     assert len(ran) == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"listening on {host} without [admin] token" in w for w in warnings) is warns, warnings
+
+
+async def test_a_key_in_the_query_string_is_redacted_in_the_logged_path(ledger: Ledger, upstream: FakeUpstream) -> None:
+    """Some OpenAI-compatible endpoints take the key as `?key=`: the upstream gets it, the ledger never."""
+    secret = "sk-query-" + "q" * 24
+    async with aiohttp.ClientSession() as session:
+        url = f"{ledger.url}/v1/chat/completions?key={secret}&alt=sse"
+        async with session.post(url, json={"model": "gpt-4o", "messages": []}) as response:
+            assert response.status == 200
+            await response.read()
+    assert upstream.requests[-1].path_qs == f"/v1/chat/completions?key={secret}&alt=sse"
+    row = await ledger.row()
+    assert row["path"] == "/v1/chat/completions?key=[redacted]&alt=sse"
+    async with ledger.engine.connect() as conn:
+        dump = [str(tuple(r)) for r in await conn.execute(select(completions_table))]
+    assert not any(secret in line for line in dump)
