@@ -341,8 +341,6 @@ class StreamFolder:
         if self.done:
             return False, self._late_usage(data)
         self.data_events += 1
-        if self.settled and not chunk_may_matter(data):
-            return False, False
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -350,6 +348,8 @@ class StreamFolder:
         if not isinstance(obj, dict):
             return False, False
         self.parsed_events += 1
+        if self.settled and self._plain_delta(obj):
+            return False, False
         record = self.record
         response = obj.get("response")
         if isinstance(response, dict):  # Responses API events carry the response object
@@ -402,6 +402,26 @@ class StreamFolder:
             isinstance(choices, list) and not choices and isinstance(obj.get("usage"), dict) and not error
         )
         return carries_content, usage_only
+
+    def _plain_delta(self, obj: dict[str, Any]) -> bool:
+        """A chunk with nothing left to fold (content deltas of known choices): most of a long stream.
+        Parsing it is cheap (orjson); this check is what spares the full fold."""
+        if obj.get("usage") is not None or obj.get("error") is not None or "x_groq" in obj or "response" in obj:
+            return False
+        choices = obj.get("choices")
+        if type(choices) is not list or not choices:
+            return False
+        by_index = self._by_index
+        for choice in choices:
+            if (
+                type(choice) is not dict
+                or choice.get("finish_reason") is not None
+                or choice.get("native_finish_reason") is not None
+                or choice.get("error") is not None
+                or choice.get("index", 0) not in by_index
+            ):
+                return False
+        return True
 
     def _late_usage(self, data: bytes) -> bool:
         """After [DONE] the completion is over; only a (misplaced) usage-only chunk still counts."""

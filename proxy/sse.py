@@ -85,8 +85,12 @@ class SSEDecoder:
     @property
     def at_boundary(self) -> bool:
         """Nothing is pending: the next byte fed starts a new block."""
+        return self.at_boundary_at(self._offset)
+
+    def at_boundary_at(self, offset: int) -> bool:
+        """at_boundary, for a caller in the middle of a read (offset: bytes consumed so far)."""
         return (
-            self._block_start == self._offset
+            self._block_start == offset
             and not self._partial
             and not self._data
             and not self._skip_lf
@@ -105,6 +109,40 @@ class SSEDecoder:
         self._cr_event = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self.at_boundary and len(chunk) <= self._max_event_bytes and b"\r" not in chunk:
+            return self._feed_lf_blocks(chunk)
+        return self._feed_lines(chunk)
+
+    def _feed_lf_blocks(self, chunk: bytes) -> list[SSEEvent]:
+        """The common case, at a block boundary with LF line ends only: whole blocks are cut with one
+        split, and a block that is a single `data: ` line becomes an event without the per-line work.
+        Other blocks go through the same line rules; the unfinished tail takes the general path."""
+        events: list[SSEEvent] = []
+        blocks = chunk.split(b"\n\n")
+        rest = blocks.pop()
+        position = self._offset
+        for block in blocks:
+            end = position + len(block) + 2
+            if block[:6] == b"data: " and b"\n" not in block:
+                events.append(SSEEvent(b"", block[6:], position, end))
+            else:
+                self._block_start = line_end = position
+                for line in block.split(b"\n"):
+                    line_end += len(line) + 1
+                    event = self._line(line, line_end)
+                    if event is not None:
+                        events.append(event)
+                event = self._line(b"", end)
+                if event is not None:
+                    events.append(event)
+            position = end
+        self._offset = self._block_start = position
+        self._cr_event = None
+        if rest:
+            events.extend(self._feed_lines(rest))
+        return events
+
+    def _feed_lines(self, chunk: bytes) -> list[SSEEvent]:
         events: list[SSEEvent] = []
         size = len(chunk)
         if not size:
@@ -154,6 +192,16 @@ class SSEDecoder:
                     events.append(event)
                     if self._skip_lf:
                         self._cr_event = event
+                if (
+                    not line
+                    and next_cr == -1
+                    and 0 < size - pos <= self._max_event_bytes
+                    and self.at_boundary_at(base + pos)
+                ):
+                    # the block left open by an earlier read is done and no CR follows: whole blocks now
+                    self._offset = base + pos
+                    events.extend(self._feed_lf_blocks(chunk[pos:]))
+                    return events
             if next_lf != -1 and next_lf < pos:
                 next_lf = chunk.find(b"\n", pos)
             if next_cr != -1 and next_cr < pos:
