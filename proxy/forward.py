@@ -252,7 +252,7 @@ class Forwarder:
         request_id = None
         if record is not None:
             record.status_code = 413
-            record.outcome = "upstream_error"
+            record.outcome = "rejected"  # refused by the proxy itself: the upstream never saw it
             record.error = message
             request_id = record.request_id
             self._finish(record, started)

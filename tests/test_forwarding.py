@@ -590,7 +590,7 @@ async def test_oversized_request_body_gives_413_without_an_upstream_call(
         "code": "request_too_large",
     }
     assert row["request_id"] == request_id
-    assert (row["status_code"], row["outcome"], row["error"]) == (413, "upstream_error", error["message"])
+    assert (row["status_code"], row["outcome"], row["error"]) == (413, "rejected", error["message"])
     assert row["api_key_hash"] == KEY_HASH
 
 
