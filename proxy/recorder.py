@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import operator
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
@@ -130,8 +131,8 @@ def is_data_error(exc: BaseException) -> bool:
     """True when the database refused the rows themselves, not the connection: retrying the same
     rows cannot help, but the database is up."""
     for cause in _causes(exc):
-        if isinstance(cause, sa_exc.IntegrityError | sa_exc.DataError):
-            return True
+        if isinstance(cause, sa_exc.IntegrityError | sa_exc.DataError | sqlite3.IntegrityError | sqlite3.DataError):
+            return True  # (sqlite3's own: the batch writer runs its statements on the driver directly)
         sqlstate = getattr(cause, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate[:2] in DATA_SQLSTATE_CLASSES:
             return True

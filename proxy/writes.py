@@ -160,14 +160,41 @@ class BatchWriter:
             if choices:
                 await conn.exec_driver_sql(self._choices_sql, tuple(map(list, zip(*choices, strict=True))))
             return
-        # SQLite: multi-row VALUES statements, not executemany, which releases and retakes the GIL for
-        # every row: with the event loop busy, each retake waits out the switch interval (up to 5 ms).
-        # Chunk sizes come from a fixed set, so SQLite's statement cache holds a handful of compiled
-        # statements instead of one (large) statement per batch size.
-        for statement, params in ((self._completions_sql, completions), (self._choices_sql, choices)):
-            start = 0
-            while start < len(params):
-                size = next(size for size in CHUNK_ROWS if size <= len(params) - start)
-                chunk = params[start : start + size]
-                start += size
-                await conn.exec_driver_sql(_multi_row(statement, size), tuple(v for row in chunk for v in row))
+        plan = [
+            (_multi_row(statement, size), params)
+            for statement, rows in ((self._completions_sql, completions), (self._choices_sql, choices))
+            for size, params in _chunks(rows)
+        ]
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        run_in_thread = getattr(driver, "_execute", None)
+        sqlite_connection = getattr(driver, "_conn", None)
+        if run_in_thread is not None and isinstance(sqlite_connection, sqlite3.Connection):
+            # one trip to aiosqlite's thread for the whole batch: with the event loop busy, each trip
+            # waits for the loop, and a batch of many statements took seconds
+            await run_in_thread(_execute_plan, sqlite_connection, plan)
+        else:  # another aiosqlite: the same statements, one trip each
+            for sql, params in plan:
+                await conn.exec_driver_sql(sql, params)
+
+
+def _chunks(rows: list[tuple[Any, ...]]) -> list[tuple[int, tuple[Any, ...]]]:
+    """Rows cut into multi-row INSERTs of CHUNK_ROWS sizes, each with its flat parameter tuple.
+
+    Multi-row VALUES, not executemany, which releases and retakes the GIL for every row (each retake
+    waits out the switch interval while the event loop is busy). Sizes come from a fixed set so SQLite's
+    statement cache holds a handful of compiled statements, not one large statement per batch size.
+    """
+    out = []
+    start = 0
+    while start < len(rows):
+        size = next(size for size in CHUNK_ROWS if size <= len(rows) - start)
+        out.append((size, tuple(value for row in rows[start : start + size] for value in row)))
+        start += size
+    return out
+
+
+def _execute_plan(connection: sqlite3.Connection, plan: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Run in aiosqlite's thread, inside the transaction SQLAlchemy opened (and will commit)."""
+    for sql, params in plan:
+        connection.execute(sql, params)
