@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +27,8 @@ from proxy.db import choices_table, completions_table, create_engine
 from proxy.migrate import upgrade_url
 from proxy.recorder import Recorder, describe, is_data_error, record_to_row, safe_text
 from proxy.spool import Spool
+
+from .test_reliability import HeldLock
 
 PATH = "/v1/chat/completions"
 
@@ -265,35 +266,6 @@ async def sqlite_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-class ExclusiveLock:
-    """Another connection holding SQLite's exclusive write lock (as a second process would)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._release = threading.Event()
-        self._held = threading.Event()
-        self._thread = threading.Thread(target=self._hold, daemon=True)
-
-    def _hold(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, timeout=10)
-        try:
-            conn.execute("BEGIN EXCLUSIVE")
-            self._held.set()
-            self._release.wait(60)
-            conn.execute("ROLLBACK")
-        finally:
-            conn.close()
-
-    async def __aenter__(self) -> ExclusiveLock:
-        self._thread.start()  # the event loop keeps running: a writer mid-transaction can finish
-        assert await asyncio.to_thread(self._held.wait, 10)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._release.set()
-        await asyncio.to_thread(self._thread.join, 10)
-
-
 async def test_sqlite_locked_spools_then_replays(sqlite_engine: AsyncEngine, tmp_path: Path) -> None:
     engine = sqlite_engine
     db_file = tmp_path / "ledger.db"
@@ -304,7 +276,7 @@ async def test_sqlite_locked_spools_then_replays(sqlite_engine: AsyncEngine, tmp
         recorder.submit(record)
     await recorder.wait_idle()
     during = [make_record(n) for n in range(3, 40)]
-    async with ExclusiveLock(db_file):
+    async with HeldLock(db_file):
         for record in during:
             recorder.submit(record)
             await asyncio.sleep(0.01)
@@ -407,7 +379,7 @@ async def test_guard_spools_when_the_database_stalls(sqlite_engine: AsyncEngine,
     # write_timeout far beyond hold_max: without the guard the records would wait 30 s in memory
     recorder = Recorder(engine, tmp_path / "spool", write_timeout=30, hold_max=0.3)
     recorder.start()
-    async with ExclusiveLock(db_file):
+    async with HeldLock(db_file):
         first = make_record(1)
         recorder.submit(first)  # in flight, stuck behind the lock
         await asyncio.sleep(0.05)
