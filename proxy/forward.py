@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +29,7 @@ from .request_facts import (
     header_user,
     inspect_request,
     key_fingerprint,
+    new_request_id,
     parse_tags,
     redact_query,
 )
@@ -172,7 +172,7 @@ class Forwarder:
         key: str | None = None
         if chat or self._all_paths:
             record = CompletionRecord(
-                request_id=str(uuid.uuid4()),
+                request_id=new_request_id(),
                 started_at=datetime.now(UTC),
                 method=method[:16],
                 path=redact_query(request.raw_path),

@@ -614,10 +614,13 @@ def assert_row(row: dict[str, Any], exchange: Exchange, expected: dict[str, Any]
     assert set(expected) | {"id", "request_id", "started_at", "duration_ms", "ttft_ms"} == ROW_COLUMNS
     assert isinstance(row["id"], int)
     assert row["request_id"] == exchange.headers["X-Ledger-Request-Id"]
-    assert uuid.UUID(row["request_id"]).version == 4
+    request_uuid = uuid.UUID(row["request_id"])
+    assert request_uuid.version == 7
     started_at = row["started_at"]
     assert started_at.utcoffset() == timedelta(0)
     assert exchange.before <= started_at <= exchange.after
+    id_time = datetime.fromtimestamp((request_uuid.int >> 80) / 1000, UTC)  # UUIDv7: milliseconds first
+    assert exchange.before - timedelta(milliseconds=1) <= id_time <= exchange.after
     window_ms = (exchange.after - exchange.before).total_seconds() * 1000
     assert 0 < row["duration_ms"] <= window_ms + 5
     if expected["status_code"] is None:

@@ -283,7 +283,7 @@ async def test_response_status_headers_and_body_pass_back(database_url: str, tmp
     assert not any("x-resp-hop" in value.lower() for value in headers_named(headers, "connection"))
     request_id = headers_named(headers, "x-ledger-request-id")
     assert request_id == [row["request_id"]]
-    assert uuid.UUID(request_id[0]).version == 4
+    assert uuid.UUID(request_id[0]).version == 7  # time-ordered (UUIDv7)
     assert row["upstream_request_id"] == "req_8f2b"
     assert row["completion_id"] == OPENAI_BASIC["id"]
 
