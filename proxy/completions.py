@@ -69,7 +69,16 @@ class CompletionRecord:
 
 
 def clean_text(value: str) -> str:
-    """Drop NUL characters, which PostgreSQL refuses in text columns."""
+    """Text every database and the spool accept: no NUL (PostgreSQL refuses it in text columns), no lone
+    surrogates (undecodable header bytes become U+FFFD)."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            except UnicodeEncodeError:
+                value = value.encode("utf-8", "replace").decode("utf-8")
     return value.replace("\x00", "") if "\x00" in value else value
 
 

@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .completions import ChoiceRecord, CompletionRecord
+from .completions import clean_text as safe_text
 from .db import choices_table, completions_table
 from .spool import Spool, row_from_spool
 from .writes import BatchWriter
@@ -64,19 +65,6 @@ _insert_choices = insert(choices_table).values(
     native_finish_reason=bindparam("choice_native_finish_reason"),
     role=bindparam("choice_role"),
 )
-
-
-def safe_text(value: str) -> str:
-    """Text every database and the spool accept: no NUL, no lone surrogates (from undecodable headers)."""
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            try:
-                value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            except UnicodeEncodeError:
-                value = value.encode("utf-8", "replace").decode("utf-8")
-    return value.replace("\x00", "") if "\x00" in value else value
 
 
 _record_values = operator.attrgetter(*COLUMNS)
