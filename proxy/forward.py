@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -21,19 +21,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .completions import CompletionRecord, parse_completion_body
+from .capture import INTERNAL_ERROR, Exchange, classify, new_record
+from .completions import CompletionRecord
 from .config import Config
 from .request_facts import (
     RequestFacts,
     bearer_key,
-    header_user,
     inspect_request,
     key_fingerprint,
     new_request_id,
-    parse_tags,
     redact_query,
 )
-from .taps import BodyTap, StreamTap
+from .taps import MAX_PARSED_BODY, BodyTap, StreamTap
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +65,9 @@ STEERING_HEADERS = frozenset(
 )
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 UPSTREAM_ID_HEADERS = ("x-generation-id", "x-request-id", "request-id", "apim-request-id")
-ERROR_SNIPPET_CHARS = 300
+DISCONNECTED = ("client_disconnected", "client disconnected")
 
-Submit = Callable[[CompletionRecord], None]
+Submit = Callable[[CompletionRecord | Exchange], None]
 
 
 def json_error(status: int, message: str, error_type: str, code: str, request_id: str | None = None) -> web.Response:
@@ -128,14 +127,6 @@ def refusal(request: web.Request) -> str | None:
     return None
 
 
-def _error_summary(status: int, body: bytes | None) -> str:
-    if body:
-        text = " ".join(body[: ERROR_SNIPPET_CHARS * 4].decode("utf-8", "replace").split())
-        if text:
-            return f"HTTP {status}: {text[:ERROR_SNIPPET_CHARS]}"
-    return f"HTTP {status}"
-
-
 async def _salvage(
     response: web.StreamResponse, stream_tap: StreamTap | None, failure: tuple[str, str]
 ) -> tuple[str, str]:
@@ -148,8 +139,42 @@ async def _salvage(
     return failure
 
 
+@dataclass(slots=True)
+class _Call:
+    """A logged call in flight. Stays in this process: it holds the client's key (for redaction)."""
+
+    request_id: str
+    started: float
+    started_wall: float
+    method: str
+    path: str
+    chat: bool
+    key: str | None
+    key_hash: str | None
+    tag_headers: list[str] | None
+    user_header: str | None
+    body: bytes | None = None
+    facts: RequestFacts | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Copy:
+    """The copy of a response's reads kept for the writer, bounded by MAX_PARSED_BODY."""
+
+    times: list[float] | None
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    overflow: bool = False
+
+
 class Forwarder:
-    """Holds what every request needs, resolved once: upstream base, timeouts, session, recorder."""
+    """Holds what every request needs, resolved once: upstream base, timeouts, session, recorder.
+
+    A chat call is captured raw (an Exchange) and parsed by the writer. Only what must be decided on
+    the request path builds its record here: calls that never got a response, calls with logging of
+    all paths, and streams whose injected usage chunk has to be cut out of the client's copy.
+    """
 
     def __init__(self, config: Config, submit: Submit) -> None:
         self._upstream = config.upstream.url
@@ -165,167 +190,285 @@ class Forwarder:
             headers, reason = forwardable_request_headers(request.headers)
         if reason is not None:
             return json_error(400, reason, "invalid_request_error", "proxy_refused")
-        started = time.perf_counter()
         method = request.method
         chat = method == "POST" and request.path.endswith("/chat/completions")
-        record: CompletionRecord | None = None
-        key: str | None = None
-        if chat or self._all_paths:
-            record = CompletionRecord(
-                request_id=new_request_id(),
-                started_at=datetime.now(UTC),
-                method=method[:16],
-                path=redact_query(request.raw_path),
-                upstream=self._upstream,
-            )
-            key = bearer_key(request.headers)
-            if key is not None:
-                record.api_key_hash = key_fingerprint(key)
-            if "X-Ledger-Tags" in request.headers:
-                record.tags = parse_tags(request.headers.getall("X-Ledger-Tags"))
+        if not chat and not self._all_paths:
+            return await self._forward(request, headers, None)
+        call = self._call(request, method, chat)
         try:
-            return await self._forward(request, headers, record, chat, started, key)
+            return await self._forward(request, headers, call)
         except asyncio.CancelledError:
-            if record is not None and record.duration_ms is None:
-                record.outcome = "client_disconnected"
-                record.error = record.error or "client disconnected"
-                self._finish(record, started)
+            if not call.done:
+                record = self._record(call)
+                record.outcome, record.error = "client_disconnected", "client disconnected"
+                self._finish(call, record)
             raise
 
-    def _finish(self, record: CompletionRecord, started: float, key: str | None = None) -> None:
-        record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        if key and record.error and key in record.error:
-            record.error = record.error.replace(key, "[redacted]")
+    @staticmethod
+    def _call(request: web.Request, method: str, chat: bool) -> _Call:
+        started = time.perf_counter()
+        headers = request.headers
+        key = bearer_key(headers)
+        return _Call(
+            request_id=new_request_id(),
+            started=started,
+            started_wall=time.time(),
+            method=method[:16],
+            path=redact_query(request.raw_path),
+            chat=chat,
+            key=key,
+            key_hash=key_fingerprint(key) if key is not None else None,
+            tag_headers=headers.getall("X-Ledger-Tags") if "X-Ledger-Tags" in headers else None,
+            user_header=headers.get("X-Ledger-User"),
+        )
+
+    def _record(self, call: _Call) -> CompletionRecord:
+        facts = call.facts
+        if facts is None and call.chat and call.body is not None:
+            facts = inspect_request(call.body, inject_usage=False)
+        return new_record(
+            call.request_id, call.started_wall, call.method, call.path, self._upstream,
+            call.key_hash, call.tag_headers, call.user_header, facts,
+        )
+
+    def _finish(self, call: _Call, record: CompletionRecord) -> None:
+        record.duration_ms = round((time.perf_counter() - call.started) * 1000, 3)
+        if call.key and record.error and call.key in record.error:
+            record.error = record.error.replace(call.key, "[redacted]")
+        call.done = True
         self._submit(record)
 
     async def _forward(
-        self,
-        request: web.Request,
-        headers: CIMultiDict[str],
-        record: CompletionRecord | None,
-        chat: bool,
-        started: float,
-        key: str | None,
+        self, request: web.Request, headers: CIMultiDict[str], call: _Call | None
     ) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > self._max_body:
-            return self._too_large(record, started)
+            return self._too_large(call)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return self._too_large(record, started)
-        facts = RequestFacts(body=body)
-        if chat and record is not None:
-            facts = inspect_request(body, self._inject_usage)
-            record.requested_model = facts.model
-            record.stream = facts.stream
-            record.user = facts.user or header_user(request.headers.get("X-Ledger-User"))
-        elif record is not None:
-            record.user = header_user(request.headers.get("X-Ledger-User"))
+            return self._too_large(call)
+        send = body
+        if call is not None:
+            call.body = body
+            # only a streaming request can need usage injected: anything else is read by the writer
+            if call.chat and self._inject_usage and b'"stream"' in body:
+                call.facts = inspect_request(body, inject_usage=True)
+                send = call.facts.body
 
         assert self.session is not None
         url = URL(self._upstream + request.raw_path, encoded=True)
         try:
-            upstream_cm = self.session.request(
+            upstream = await self.session.request(
                 request.method,
                 url,
-                data=facts.body if facts.body else None,
+                data=send if send else None,
                 headers=headers,
                 allow_redirects=False,
                 skip_auto_headers=SKIP_AUTO_HEADERS,
             )
-            upstream = await upstream_cm
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            return self._failed(record, started, 504, "timeout", "upstream timed out before responding", key)
+            return self._failed(call, 504, "timeout", "upstream timed out before responding")
         except aiohttp.ClientConnectorError as exc:
-            return self._failed(record, started, 502, "unreachable", f"upstream unreachable: {exc}", key)
+            return self._failed(call, 502, "unreachable", f"upstream unreachable: {exc}")
         except aiohttp.ClientError as exc:
             message = f"upstream failed before responding: {type(exc).__name__}: {exc}"
-            return self._failed(record, started, 502, "upstream_error", message, key)
+            return self._failed(call, 502, "upstream_error", message)
 
         try:
-            return await self._relay(request, upstream, record, facts, chat, started, key)
+            if call is None:
+                return await self._relay_unlogged(request, upstream)
+            if call.chat and not self._must_strip(call, upstream):
+                return await self._relay_captured(request, upstream, call)
+            return await self._relay_recorded(request, upstream, call)
         finally:
             upstream.release()
 
-    def _too_large(self, record: CompletionRecord | None, started: float) -> web.Response:
+    def _too_large(self, call: _Call | None) -> web.Response:
         message = f"request body is larger than the proxy's limit of {self._max_body} bytes"
         request_id = None
-        if record is not None:
+        if call is not None:
+            record = self._record(call)
             record.status_code = 413
             record.outcome = "rejected"  # refused by the proxy itself: the upstream never saw it
             record.error = message
             request_id = record.request_id
-            self._finish(record, started)
+            self._finish(call, record)
         return json_error(413, message, "invalid_request_error", "request_too_large", request_id)
 
-    def _failed(
-        self, record: CompletionRecord | None, started: float, status: int, outcome: str, message: str,
-        key: str | None,
-    ) -> web.Response:
+    def _failed(self, call: _Call | None, status: int, outcome: str, message: str) -> web.Response:
         request_id = None
-        if record is not None:
+        if call is not None:
+            record = self._record(call)
             record.outcome = outcome
             record.error = message
             request_id = record.request_id
-            self._finish(record, started, key)
+            self._finish(call, record)
+            if call.key:
+                message = message.replace(call.key, "[redacted]")
         code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-        if key:
-            message = message.replace(key, "[redacted]")
         return json_error(status, message, "proxy_error", code, request_id)
 
-    async def _relay(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        record: CompletionRecord | None,
-        facts: RequestFacts,
-        chat: bool,
-        started: float,
-        key: str | None,
+    @staticmethod
+    def _must_strip(call: _Call, upstream: aiohttp.ClientResponse) -> bool:
+        """The proxy added include_usage, so the usage chunk must be cut out on the request path."""
+        return (
+            call.facts is not None
+            and call.facts.usage_injected
+            and upstream.status < 300
+            and _is_event_stream(upstream)
+        )
+
+    async def _relay_unlogged(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        headers = forwardable_response_headers(upstream.headers)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        try:
+            failure = await self._pump(request, upstream, response, None, None)
+        except asyncio.CancelledError:
+            upstream.close()
+            raise
+        self._after_failure(request, upstream, failure)
+        return response
+
+    async def _relay_captured(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call
     ) -> web.StreamResponse:
+        """Pass the response on read by read and keep the reads; the writer parses them."""
         headers_at = time.perf_counter()
         headers = forwardable_response_headers(upstream.headers)
-        is_sse = upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
+        headers[REQUEST_ID_HEADER] = call.request_id
+        event_stream = _is_event_stream(upstream)
+        copy = _Copy(times=[] if event_stream and upstream.status < 300 else None)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        try:
+            failure = await self._pump_copy(request, upstream, response, copy)
+        except asyncio.CancelledError:  # the client went away while we waited on the upstream
+            upstream.close()
+            self._capture(call, upstream, event_stream, headers_at, copy, DISCONNECTED)
+            raise
+        self._after_failure(request, upstream, failure)
+        self._capture(call, upstream, event_stream, headers_at, copy, failure)
+        return response
+
+    def _capture(
+        self,
+        call: _Call,
+        upstream: aiohttp.ClientResponse,
+        event_stream: bool,
+        headers_at: float,
+        copy: _Copy,
+        failure: tuple[str, str] | None,
+    ) -> None:
+        call.done = True
+        self._submit(
+            Exchange(
+                call.request_id,
+                call.started_wall,
+                call.started,
+                call.method,
+                call.path,
+                self._upstream,
+                call.key_hash,
+                len(call.key) if call.key else 0,
+                call.tag_headers,
+                call.user_header,
+                call.body or b"",
+                upstream.status,
+                _upstream_request_id(upstream),
+                upstream.headers.get("Content-Encoding"),
+                event_stream,
+                headers_at,
+                copy.chunks,
+                copy.times,
+                time.perf_counter(),
+                copy.overflow,
+                failure,
+            )
+        )
+
+    async def _relay_recorded(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call
+    ) -> web.StreamResponse:
+        headers_at = time.perf_counter()
+        record = self._record(call)
+        headers = forwardable_response_headers(upstream.headers)
+        is_sse = _is_event_stream(upstream)
         encoding = upstream.headers.get("Content-Encoding")
         body_tap: BodyTap | None = None
         stream_tap: StreamTap | None = None
-        if record is not None:
-            record.status_code = upstream.status
-            record.stream = record.stream or is_sse
-            for name in UPSTREAM_ID_HEADERS:
-                value = upstream.headers.get(name)
-                if value:
-                    record.upstream_request_id = value[:200]
-                    break
-            if is_sse and chat and upstream.status < 300:
-                stream_tap = StreamTap(
-                    record, encoding, strip_usage_chunk=facts.usage_injected, expected_choices=facts.choices
-                )
-                if stream_tap.stripping:
-                    headers.popall("Content-Length", None)
-            else:
-                record.ttft_ms = round((headers_at - started) * 1000, 3)
-                body_tap = BodyTap(encoding)
-            headers[REQUEST_ID_HEADER] = record.request_id
+        record.status_code = upstream.status
+        record.stream = record.stream or is_sse
+        record.upstream_request_id = _upstream_request_id(upstream)
+        facts = call.facts
+        if is_sse and call.chat and upstream.status < 300:
+            stream_tap = StreamTap(
+                record,
+                encoding,
+                strip_usage_chunk=facts is not None and facts.usage_injected,
+                expected_choices=facts.choices if facts is not None else 1,
+            )
+            if stream_tap.stripping:
+                headers.popall("Content-Length", None)
+        else:
+            record.ttft_ms = round((headers_at - call.started) * 1000, 3)
+            body_tap = BodyTap(encoding)
+        headers[REQUEST_ID_HEADER] = record.request_id
 
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
             failure = await self._pump(request, upstream, response, stream_tap, body_tap)
         except asyncio.CancelledError:  # the client went away while we waited on the upstream
             upstream.close()
-            if record is not None:
-                self._complete(record, ("client_disconnected", "client disconnected"), stream_tap, body_tap,
-                               chat, started)
-                self._finish(record, started, key)
+            self._complete(record, DISCONNECTED, stream_tap, body_tap, call)
+            self._finish(call, record)
             raise
+        self._after_failure(request, upstream, failure)
+        self._complete(record, failure, stream_tap, body_tap, call)
+        self._finish(call, record)
+        return response
+
+    @classmethod
+    def _after_failure(
+        cls, request: web.Request, upstream: aiohttp.ClientResponse, failure: tuple[str, str] | None
+    ) -> None:
         if failure is not None:
             upstream.close()
             if failure[0] != "client_disconnected":
-                self._abort(request)
-        if record is not None:
-            self._complete(record, failure, stream_tap, body_tap, chat, started)
-            self._finish(record, started, key)
-        return response
+                cls._abort(request)
+
+    @staticmethod
+    async def _pump_copy(
+        request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse, copy: _Copy
+    ) -> tuple[str, str] | None:
+        """Copy the body to the client read by read, keeping each read (and, for a stream, its time)."""
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            return DISCONNECTED
+        content = upstream.content
+        chunks, times = copy.chunks, copy.times
+        while True:
+            try:
+                chunk = await content.readany()
+            except TimeoutError:
+                return ("timeout", "upstream read timed out mid-response")
+            except (aiohttp.ClientError, OSError) as exc:
+                return ("upstream_error", f"upstream connection lost mid-response: {type(exc).__name__}: {exc}")
+            try:
+                if not chunk:
+                    await response.write_eof()
+                    return None
+                if not copy.overflow:
+                    copy.size += len(chunk)
+                    if copy.size <= MAX_PARSED_BODY:
+                        chunks.append(chunk)
+                        if times is not None:
+                            times.append(time.perf_counter())
+                    else:
+                        copy.overflow = True
+                        chunks.clear()
+                await response.write(chunk)
+            except ConnectionError:
+                return DISCONNECTED
 
     @staticmethod
     async def _pump(
@@ -339,7 +482,7 @@ class Forwarder:
         try:
             await response.prepare(request)
         except ConnectionError:
-            return ("client_disconnected", "client disconnected")
+            return DISCONNECTED
         content = upstream.content
         while True:
             try:
@@ -364,7 +507,7 @@ class Forwarder:
                     await response.write_eof()
                     return None
             except ConnectionError:
-                return ("client_disconnected", "client disconnected")
+                return DISCONNECTED
 
     @staticmethod
     def _abort(request: web.Request) -> None:
@@ -373,69 +516,30 @@ class Forwarder:
         if transport is not None:
             transport.abort()
 
-    @classmethod
+    @staticmethod
     def _complete(
-        cls,
         record: CompletionRecord,
         failure: tuple[str, str] | None,
         stream_tap: StreamTap | None,
         body_tap: BodyTap | None,
-        chat: bool,
-        started: float,
+        call: _Call,
     ) -> None:
         """Classify the call; a parser bug costs the parsed fields, never the row."""
         try:
-            cls._classify(record, failure, stream_tap, body_tap, chat, started)
+            classify(record, failure, stream_tap, body_tap, call.chat, call.started)
         except Exception:
             log.exception("parsing the response of request %s failed", record.request_id)
             record.outcome = "unparsed"
-            record.error = "chatledger could not parse this response (internal error, see its log)"
+            record.error = INTERNAL_ERROR
 
-    @staticmethod
-    def _classify(
-        record: CompletionRecord,
-        failure: tuple[str, str] | None,
-        stream_tap: StreamTap | None,
-        body_tap: BodyTap | None,
-        chat: bool,
-        started: float,
-    ) -> None:
-        status = record.status_code or 0
-        body: bytes | None = None
-        parsed = False
-        if stream_tap is not None:
-            if failure is not None:
-                stream_tap.folder.finish()
-            first = stream_tap.first_content_at or stream_tap.first_event_at
-            if first is not None:
-                record.ttft_ms = round((first - started) * 1000, 3)
-            parsed = stream_tap.folder.parsed_events > 0
-            failed = stream_tap.folder.failed
-        elif body_tap is not None:
-            body = body_tap.body()
-            if body is not None and (chat or status >= 400):
-                parsed = parse_completion_body(record, body)
-            failed = bool(record.error) or any(c.finish_reason == "error" for c in record.choices)
-        else:
-            failed = False
-        if failure is not None and not (
-            failure[0] == "client_disconnected" and stream_tap is not None and stream_tap.folder.done
-        ):  # a client that hangs up right after [DONE] got everything: not a disconnect
-            record.outcome, record.error = failure[0], record.error or failure[1]
-            return
-        if status >= 400 or (chat and status >= 300):  # a redirect is no completion either
-            record.outcome = "upstream_error"
-            if not record.error:
-                record.error = _error_summary(status, body)
-            return
-        if chat and 200 <= status < 300:
-            if not parsed:
-                record.outcome = "unparsed"
-                reason = body_tap.failure if body_tap is not None else None
-                record.error = record.error or reason or "response could not be parsed as a chat completion"
-            elif failed:
-                record.outcome = "upstream_error"
-            else:
-                record.outcome = "ok"
-            return
-        record.outcome = "ok"
+
+def _is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
+
+
+def _upstream_request_id(upstream: aiohttp.ClientResponse) -> str | None:
+    for name in UPSTREAM_ID_HEADERS:
+        value = upstream.headers.get(name)
+        if value:
+            return value[:200]
+    return None
