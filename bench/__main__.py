@@ -171,6 +171,7 @@ class Bench:
         result["cpu_pct"] = 100 * cpu / result["duration"]
         # CPU used by everything but this benchmark (services, load generator, this process) while
         # we measured: other work on the machine competing with the processes under test.
+        result["machine_pct"] = 100 * (busy1 - busy0) / max(total1 - total0, 1e-9)  # of all cores
         result["background_pct"] = 100 * max(0.0, (busy1 - busy0) - own) / max(total1 - total0, 1e-9)
         if target.get("database") is not None:
             target["completed"] += result["requests"]
@@ -228,7 +229,8 @@ class Bench:
                         f"  [{mode} round {round_number + 1}] {target['name']:<16} "
                         f"{thr['rps']:>9,.0f} req/s  "
                         f"1c p50 {lat.get('event_p50_ms') or lat['p50_ms']:.3f} ms  "
-                        f"cpu {thr['cpu_pct']:.0f}%  background {thr['background_pct']:.0f}%"
+                        f"cpu {thr['cpu_pct']:.0f}%  machine {thr['machine_pct']:.0f}%  "
+                        f"background {thr['background_pct']:.0f}%"
                         + (
                             f"  errors {thr['errors'] + lat['errors']}"
                             if thr["errors"] + lat["errors"]

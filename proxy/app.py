@@ -23,6 +23,7 @@ from .metrics import LedgerMetrics
 from .migrate import upgrade
 from .pricing import Pricer
 from .recorder import Recorder
+from .writer_process import RecorderLink
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,21 @@ def _on_batch(app: web.Application) -> Callable[[list[CompletionRecord]], None]:
 
 async def _recorder(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG].database
-    recorder = Recorder(
-        app[ENGINE],
-        default_spool_dir(config),
-        queue_max=config.queue_max,
-        batch_max=config.batch_max,
-        write_timeout=config.write_timeout,
-        on_batch=_on_batch(app),
-    )
-    recorder.start()
+    recorder: Recorder | RecorderLink
+    if config.writer == "process":
+        recorder = RecorderLink(app[CONFIG], app[METRICS])
+        await recorder.start()
+    else:
+        recorder = Recorder(
+            app[ENGINE],
+            default_spool_dir(config),
+            queue_max=config.queue_max,
+            batch_max=config.batch_max,
+            write_timeout=config.write_timeout,
+            flush_interval=config.flush_interval,
+            on_batch=_on_batch(app),
+        )
+        recorder.start()
     app[METRICS].watch(recorder)
     app[RECORDER] = recorder
     app[FORWARDER] = Forwarder(app[CONFIG], recorder.submit)

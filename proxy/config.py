@@ -49,6 +49,10 @@ class DatabaseConfig:
     batch_max: int = 2_000
     write_timeout: float = 5.0
     flush_interval: float = 0.05
+    writer: str = "process"
+
+
+WRITER_MODES = ("process", "inline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +265,8 @@ def validate(config: Config) -> Config:
     ):
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number of seconds, got {value}")
+    if config.database.writer not in WRITER_MODES:
+        raise ConfigError(f"database.writer: expected process or inline, got {config.database.writer!r}")
     if not 0 <= config.database.flush_interval <= 1:
         raise ConfigError(
             f"database.flush_interval: expected 0 to 1 seconds, got {config.database.flush_interval}"

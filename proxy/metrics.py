@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -20,6 +21,7 @@ from .completions import CompletionRecord
 
 if TYPE_CHECKING:
     from .recorder import Recorder
+    from .writer_process import RecorderLink
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -30,7 +32,7 @@ OTHER = "other"
 
 class _WriterCollector(Collector):
     def __init__(self) -> None:
-        self.recorder: Recorder | None = None
+        self.recorder: Recorder | RecorderLink | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -68,6 +70,41 @@ class _WriterCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+
+
+@dataclass(slots=True)
+class BatchSummary:
+    """A batch of records reduced to per-label sums: what the metrics need, small enough to send from
+    the writer process to the one serving /metrics."""
+
+    requests: dict[tuple[str, str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    sums: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    ttfts: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+
+def summarize(records: Iterable[CompletionRecord]) -> BatchSummary:
+    summary = BatchSummary()
+    for record in records:
+        labels = (record.upstream, record.model or record.requested_model or "unknown")
+        status = str(record.status_code) if record.status_code is not None else "none"
+        summary.requests[(*labels, status, record.outcome)] += 1
+        totals = summary.sums.get(labels)
+        if totals is None:
+            totals = summary.sums[labels] = [0, 0, 0, 0.0, 0]
+        totals[0] += record.prompt_tokens or 0
+        totals[1] += record.completion_tokens or 0
+        totals[2] += record.cached_tokens or 0
+        if record.cost is not None:
+            totals[3] += float(record.cost)
+        else:
+            totals[4] += 1
+        if record.duration_ms is not None:
+            summary.durations.setdefault(labels, []).append(record.duration_ms / 1000)
+        if record.ttft_ms is not None and record.stream:  # non-streamed calls: time to headers
+            summary.ttfts.setdefault(labels, []).append(record.ttft_ms / 1000)
+    summary.requests = dict(summary.requests)  # plain dict: it may be pickled
+    return summary
 
 
 class LedgerMetrics:
@@ -114,11 +151,10 @@ class LedgerMetrics:
         self.registry.register(self._writer)
         self._models: set[str] = set()
 
-    def watch(self, recorder: Recorder) -> None:
+    def watch(self, recorder: Recorder | RecorderLink) -> None:
         self._writer.recorder = recorder
 
-    def _model(self, record: CompletionRecord) -> str:
-        model = record.model or record.requested_model or "unknown"
+    def _model(self, model: str) -> str:
         if model in self._models:
             return model
         if len(self._models) >= MAX_MODELS:
@@ -127,41 +163,21 @@ class LedgerMetrics:
         return model
 
     def observe(self, records: Sequence[CompletionRecord]) -> None:
-        """Count a batch of records (called by the writer before it inserts them).
+        """Count a batch of records (called by the writer before it inserts them)."""
+        self.apply(summarize(records))
 
-        Sums per label set first: a labels() lookup costs more than the arithmetic, and a batch of
-        hundreds of records usually has a handful of label sets.
-        """
-        requests: dict[tuple[str, str, str, str], int] = defaultdict(int)
-        sums: dict[tuple[str, str], list[float]] = {}
-        durations: dict[tuple[str, str], list[float]] = {}
-        ttfts: dict[tuple[str, str], list[float]] = {}
-        for record in records:
-            labels = (record.upstream, self._model(record))
-            status = str(record.status_code) if record.status_code is not None else "none"
-            requests[(*labels, status, record.outcome)] += 1
-            totals = sums.get(labels)
-            if totals is None:
-                totals = sums[labels] = [0, 0, 0, 0.0, 0]
-            totals[0] += record.prompt_tokens or 0
-            totals[1] += record.completion_tokens or 0
-            totals[2] += record.cached_tokens or 0
-            if record.cost is not None:
-                totals[3] += float(record.cost)
-            else:
-                totals[4] += 1
-            if record.duration_ms is not None:
-                durations.setdefault(labels, []).append(record.duration_ms / 1000)
-            if record.ttft_ms is not None and record.stream:  # non-streamed calls: time to headers
-                ttfts.setdefault(labels, []).append(record.ttft_ms / 1000)
-        for histogram, samples in ((self.duration, durations), (self.ttft, ttfts)):
-            for labels, values in samples.items():
-                child = histogram.labels(*labels)
+    def apply(self, summary: BatchSummary) -> None:
+        """Add a batch's sums to the counters: a labels() lookup costs more than the arithmetic, and a
+        batch of hundreds of records usually has a handful of label sets."""
+        for histogram, samples in ((self.duration, summary.durations), (self.ttft, summary.ttfts)):
+            for (upstream, model), values in samples.items():
+                child = histogram.labels(upstream, self._model(model))
                 for value in values:
                     child.observe(value)
-        for key, count in requests.items():
-            self.requests.labels(*key).inc(count)
-        for labels, (prompt, completion, cached, cost, unpriced) in sums.items():
+        for (upstream, model, status, outcome), count in summary.requests.items():
+            self.requests.labels(upstream, self._model(model), status, outcome).inc(count)
+        for (upstream, model), (prompt, completion, cached, cost, unpriced) in summary.sums.items():
+            labels = (upstream, self._model(model))
             for counter, value in (
                 (self.prompt_tokens, prompt),
                 (self.completion_tokens, completion),

@@ -146,7 +146,8 @@ def make_config(upstream_url: str, database_url: str, tmp_path: Path, **sections
         {("upstream", "url"): upstream_url, ("database", "url"): database_url},
         environ={},
     )
-    config = config.replace("database", spool_dir=str(tmp_path / "spool"))
+    # inline writer: one process per test keeps the suite fast; test_writer_process runs the default
+    config = config.replace("database", spool_dir=str(tmp_path / "spool"), writer="inline")
     for section, changes in sections.items():
         config = config.replace(section, **changes)
     return config

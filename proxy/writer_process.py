@@ -1,0 +1,346 @@
+"""The writer process: parsing, pricing and database writes run beside the event loop, not on it.
+
+By default (`[database] writer = "process"`) each serving process starts one child,
+`python -m proxy.writer_process`, which owns a Recorder (queue, batches, spool, replay) exactly as the
+in-process writer does. The serving process keeps a RecorderLink: submit() appends to an outbox that a
+timer sends every few milliseconds as one pickled frame over the child's stdin. The child answers on
+its stdout with its counters and each batch's metric sums, so /_ledger/health and /metrics read the same
+figures as before. Frames are a 4-byte big-endian length and a pickle; the child speaks only to its
+parent, and captured exchanges carry a key fingerprint, never the key.
+
+If the child dies, the records it held only in memory are lost, as they would be if the whole process
+died: they are counted in rows_lost and logged, and a new child is started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import struct
+import sys
+from typing import Any
+
+from .capture import Exchange
+from .completions import CompletionRecord
+from .config import Config, default_spool_dir
+from .metrics import LedgerMetrics, summarize
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">I")
+SEND_INTERVAL = 0.02  # how long a record may wait in the outbox: batching frames saves syscalls
+STATS_INTERVAL = 0.25
+START_TIMEOUT = 60.0
+STAT_NAMES = (
+    "rows_written",
+    "rows_spooled",
+    "rows_replayed",
+    "rows_rejected",
+    "rows_lost",
+    "queue_depth",
+    "database_ok",
+    "spool_ok",
+    "degraded",
+    "last_error",
+)
+
+
+def frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(payload)) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    """The next message, or None at end of stream."""
+    try:
+        header = await reader.readexactly(HEADER.size)
+        payload = await reader.readexactly(HEADER.unpack(header)[0])
+    except asyncio.IncompleteReadError:
+        return None
+    return pickle.loads(payload)
+
+
+class RecorderLink:
+    """The serving process's side: the Recorder's interface, backed by the writer process."""
+
+    def __init__(self, config: Config, metrics: LedgerMetrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self.spool = Spool(default_spool_dir(config.database))  # read-only here: health lists its files
+        self._outbox: list[CompletionRecord | Exchange] = []
+        self._send_handle: asyncio.TimerHandle | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._tokens = itertools.count()
+        self._closing = False
+        self._sent = 0  # records sent to the current child; it reports how many it received
+        self._lost_here = 0
+        self._stats: dict[str, Any] = {name: 0 for name in STAT_NAMES}
+        self._stats["received"] = 0
+        self._stats.update(database_ok=True, spool_ok=True, degraded=False, last_error=None)
+
+    # ---- the Recorder's interface ---------------------------------------------------------------
+
+    def submit(self, item: CompletionRecord | Exchange) -> None:
+        """O(1) and never blocks: the record goes out with the next frame."""
+        self._outbox.append(item)
+        if self._send_handle is None:
+            self._send_handle = asyncio.get_running_loop().call_later(SEND_INTERVAL, self._send_outbox)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in STAT_NAMES:
+            value = self._stats[name]
+            if name == "rows_lost":
+                return value + self._lost_here
+            if name == "queue_depth":
+                return value + len(self._outbox)
+            if name == "degraded":
+                return value or self._lost_here > 0
+            return value
+        raise AttributeError(name)
+
+    async def start(self) -> None:
+        await self._spawn()
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Until the child has written or spooled everything submitted so far."""
+        token = next(self._tokens)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[token] = waiter
+        self._send_outbox()
+        self._send(("idle", token))
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._waiters.pop(token, None)
+
+    async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Send what is left, let the child drain to the database (or its spool), and wait for it."""
+        self._closing = True
+        self._send_outbox()
+        process = self._process
+        if process is None:
+            return
+        self._send(("close",))
+        with contextlib.suppress(Exception):
+            if process.stdin is not None:
+                process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), timeout + 5)
+        except TimeoutError:
+            log.error("writer process did not finish within %.0fs; killing it", timeout + 5)
+            process.kill()
+            await process.wait()
+        if self._reader_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader_task, 5)
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+
+    async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy.writer_process",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=16 * 1024 * 1024,
+        )
+        self._ready = loop.create_future()
+        self._reader_task = asyncio.create_task(self._read(self._process), name="chatledger-writer-link")
+        self._send(("start", self._config))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
+        except TimeoutError:
+            self._process.kill()
+            raise RuntimeError(f"the writer process did not start within {START_TIMEOUT:.0f}s") from None
+
+    def _send_outbox(self) -> None:
+        if self._send_handle is not None:
+            self._send_handle.cancel()
+            self._send_handle = None
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        self._sent += len(items)
+        if not self._send(("items", items)):
+            self._lose(len(items), "the writer process is not running")
+
+    def _send(self, message: Any) -> bool:
+        process = self._process
+        if process is None or process.stdin is None or process.returncode is not None:
+            return False
+        try:
+            process.stdin.write(frame(message))
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    async def _read(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        while True:
+            message = await read_frame(process.stdout)
+            if message is None:
+                break
+            kind = message[0]
+            if kind == "stats":
+                self._stats.update(message[1])
+                for summary in message[2]:
+                    self._metrics.apply(summary)
+            elif kind == "idle":
+                waiter = self._waiters.get(message[1])
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            elif kind == "ready" and self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+        code = await process.wait()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RuntimeError(f"the writer process exited at start (code {code})"))
+            return
+        if not self._closing:
+            self._died(code)
+
+    def _died(self, code: int) -> None:
+        held = self._stats["queue_depth"] + self._sent - self._stats["received"]
+        self._lose(held, f"the writer process exited with code {code}")
+        self._stats.update(queue_depth=0, received=0)
+        self._sent = 0
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(RuntimeError("the writer process exited"))
+        log.error("writer process exited with code %s; starting a new one", code)
+        task = asyncio.get_running_loop().create_task(self._respawn())
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def _respawn(self) -> None:
+        try:
+            await self._spawn()
+        except Exception:
+            log.exception("could not restart the writer process; records submitted now are lost")
+
+    def _lose(self, count: int, reason: str) -> None:
+        if count > 0:
+            self._lost_here += count
+            log.error("%d record(s) lost: %s", count, reason)
+
+
+# ---- the child ------------------------------------------------------------------------------------
+
+
+async def _child(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    from .db import create_engine
+    from .pricing import Pricer
+    from .recorder import Recorder
+
+    start = await read_frame(reader)
+    if start is None:
+        return
+    config: Config = start[1]
+    logging.basicConfig(
+        level=config.logging.level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    engine = create_engine(config.database.url)
+    pricer = Pricer(engine, config.pricing.models)
+    await pricer.start()
+    summaries: list[Any] = []
+    received = 0  # records taken from the parent, reported so it can tell what a crash would lose
+
+    def on_batch(records: list[CompletionRecord]) -> None:
+        try:
+            pricer.apply(records)
+        finally:
+            summaries.append(summarize(records))
+
+    database = config.database
+    recorder = Recorder(
+        engine,
+        default_spool_dir(database),
+        queue_max=database.queue_max,
+        batch_max=database.batch_max,
+        write_timeout=database.write_timeout,
+        flush_interval=database.flush_interval,
+        on_batch=on_batch,
+    )
+    recorder.start()
+
+    def stats() -> None:
+        state = {name: getattr(recorder, name) for name in STAT_NAMES}
+        state["received"] = received
+        writer.write(frame(("stats", state, summaries[:])))
+        summaries.clear()
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            stats()
+
+    async def answer_when_idle(token: int) -> None:
+        with contextlib.suppress(TimeoutError):
+            await recorder.wait_idle(3600)
+        stats()
+        writer.write(frame(("idle", token)))
+
+    writer.write(frame(("ready",)))
+    reporter = asyncio.create_task(report())
+    pending: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            message = await read_frame(reader)
+            if message is None or message[0] == "close":
+                break
+            if message[0] == "items":
+                for item in message[1]:
+                    recorder.submit(item)
+                received += len(message[1])
+            elif message[0] == "idle":
+                task = asyncio.create_task(answer_when_idle(message[1]))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+    finally:
+        reporter.cancel()
+        await recorder.close()
+        await pricer.stop()
+        await engine.dispose()
+        with contextlib.suppress(Exception):
+            stats()
+            await writer.drain()
+
+
+async def _child_main() -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**31)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    channel = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # a stray print() must not corrupt the frames
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, channel)
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    await _child(reader, writer)
+
+
+def main() -> None:
+    # the parent decides when the writer stops (it drains on close); Ctrl-C reaches the whole group
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(19)  # the serving process wins when both want the core
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        asyncio.run(_child_main())
+    else:
+        uvloop.run(_child_main())
+
+
+if __name__ == "__main__":
+    main()

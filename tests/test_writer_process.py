@@ -1,0 +1,196 @@
+"""The default writer: a separate process per serving process (`[database] writer = "process"`).
+
+Each test runs the proxy as `serve` does, with a real writer child, on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from proxy.capture import redact_fingerprinted
+from proxy.request_facts import key_fingerprint
+
+from .conftest import Ledger, make_config, start_ledger
+from .payloads import OPENAI_BASIC
+from .stream_payloads import CASES, OPENAI_INCLUDE_USAGE, OPENROUTER
+from .upstream import FakeUpstream, json_reply, sse_reply
+
+KEY = "sk-test-writer-process-0123456789"
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+async def process_ledger(upstream: FakeUpstream, database_url: str, tmp_path: Path) -> AsyncIterator[Ledger]:
+    ledger = await start_ledger(make_config(upstream.url, database_url, tmp_path, database={"writer": "process"}))
+    yield ledger
+    await ledger.stop()
+
+
+def child_pid(ledger: Ledger) -> int:
+    process = ledger.recorder._process  # type: ignore[union-attr]
+    assert process is not None
+    return process.pid
+
+
+async def test_completions_from_the_openai_client_are_logged_by_the_writer_process(
+    process_ledger: Ledger, upstream: FakeUpstream
+) -> None:
+    for case in (OPENAI_INCLUDE_USAGE, OPENROUTER):
+        upstream.add(case.name, sse_reply(case.body))
+    client = openai.AsyncOpenAI(base_url=process_ledger.url + "/v1", api_key=KEY, max_retries=0)
+    async with client:
+        completion = await client.chat.completions.create(model="gpt-4o", messages=[], user="alice")
+        assert completion.id == OPENAI_BASIC["id"]
+        for case in (OPENAI_INCLUDE_USAGE, OPENROUTER):
+            stream = await client.chat.completions.create(
+                model="m",
+                messages=[],
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"X-Fake-Scenario": case.name, "X-Ledger-Tags": "team=search"},
+            )
+            async for _ in stream:
+                pass
+    rows = await process_ledger.rows(count=3)
+    assert [row["outcome"] for row in rows] == ["ok", "ok", "ok"]
+    first, *streams = rows
+    assert first["completion_id"] == OPENAI_BASIC["id"]
+    assert first["total_tokens"] == OPENAI_BASIC["usage"]["total_tokens"]
+    assert first["user"] == "alice"
+    assert first["api_key_hash"] == key_fingerprint(KEY)
+    assert first["stream"] is False
+    for row, case in zip(streams, (OPENAI_INCLUDE_USAGE, OPENROUTER), strict=True):
+        assert row["stream"] is True
+        assert row["tags"] == {"team": "search"}
+        assert row["ttft_ms"] is not None
+        assert 0 < row["ttft_ms"] <= row["duration_ms"]
+        for name in ("completion_id", "model", "prompt_tokens", "completion_tokens"):
+            assert row[name] == case.row[name], name
+        assert [c["finish_reason"] for c in row["choices"]] == [c["finish_reason"] for c in case.choices]
+
+
+async def test_every_stream_case_parses_the_same_in_the_writer_process(
+    process_ledger: Ledger, upstream: FakeUpstream
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        for case in CASES:
+            upstream.add(case.name, sse_reply(case.body))
+            body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+            async with session.post(
+                process_ledger.url + CHAT, json=body, headers={"X-Fake-Scenario": case.name}
+            ) as response:
+                assert await response.read() == case.body  # byte for byte: nothing held back or cut
+    rows = await process_ledger.rows(count=len(CASES))
+    for row, case in zip(rows, CASES, strict=True):
+        for name, value in case.row.items():
+            assert row[name] == value, (case.name, name)
+
+
+async def test_health_and_metrics_report_the_writer_process(process_ledger: Ledger) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):
+            async with session.post(process_ledger.url + CHAT, json={"model": "gpt-4o"}) as response:
+                await response.read()
+        await process_ledger.rows(count=5)
+        async with session.get(process_ledger.url + "/_ledger/health") as response:
+            health = await response.json()
+        async with session.get(process_ledger.url + "/_ledger/metrics") as response:
+            metrics = await response.text()
+    assert health["status"] == "ok"
+    assert health["rows_written"] == 5
+    assert health["queue_depth"] == 0
+    assert "chatledger_rows_written_total 5.0" in metrics
+    model = OPENAI_BASIC["model"]
+    assert f'chatledger_requests_total{{model="{model}",outcome="ok",status="200",upstream=' in metrics
+    prompt = OPENAI_BASIC["usage"]["prompt_tokens"] * 5
+    upstream = process_ledger.config.upstream.url
+    assert f'chatledger_prompt_tokens_total{{model="{model}",upstream="{upstream}"}} {prompt}.0' in metrics
+
+
+async def test_stopping_drains_every_record_through_the_writer_process(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    upstream.add("slow", json_reply(OPENAI_BASIC))
+    config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
+    ledger = await start_ledger(config)
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def call() -> None:
+                async with session.post(ledger.url + CHAT, json={"model": "m"}) as response:
+                    await response.read()
+
+            await asyncio.gather(*(call() for _ in range(200)))
+        pid = child_pid(ledger)
+    finally:
+        await ledger.runner.cleanup()  # no wait_idle: stopping must drain by itself
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the child is gone
+    rows = await ledger._select()
+    await ledger.engine.dispose()
+    assert len(rows) == 200
+    assert len({row["request_id"] for row in rows}) == 200
+
+
+async def test_a_killed_writer_process_is_restarted_and_logging_goes_on(
+    process_ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = child_pid(process_ledger)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(process_ledger.url + CHAT, json={"model": "before"}) as response:
+            await response.read()
+        await process_ledger.rows(count=1)
+        os.kill(first, signal.SIGKILL)
+        deadline = asyncio.get_running_loop().time() + 30
+        while child_pid(process_ledger) == first or process_ledger.recorder._ready is None:  # type: ignore[union-attr]
+            assert asyncio.get_running_loop().time() < deadline, "no new writer process"
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(process_ledger.recorder._ready, 30)  # type: ignore[union-attr]
+        async with session.post(process_ledger.url + CHAT, json={"model": "after"}) as response:
+            assert response.status == 200  # calls never waited on the writer
+            await response.read()
+    rows = await process_ledger.rows(count=2)
+    assert [row["requested_model"] for row in rows] == ["before", "after"]
+    assert any("writer process exited" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_key_echoed_in_an_error_is_redacted_by_the_writer_process(
+    process_ledger: Ledger, upstream: FakeUpstream
+) -> None:
+    error = {"error": {"message": f"key {KEY} is not allowed to use this model", "type": "invalid_request_error"}}
+    upstream.add("echo", json_reply(error))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            process_ledger.url + CHAT,
+            json={"model": "m"},
+            headers={"Authorization": f"Bearer {KEY}", "X-Fake-Scenario": "echo"},
+        ) as response,
+    ):
+        assert KEY.encode() in await response.read()  # the client gets the upstream's body as sent
+    row = await process_ledger.row()
+    assert row["outcome"] == "upstream_error"
+    assert KEY not in row["error"]
+    assert "[redacted]" in row["error"]
+
+
+def test_redaction_by_fingerprint_finds_the_key_and_nothing_else() -> None:
+    key = "sk-proj-Abc123_xyz-789"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    text = f'invalid key "{key}" (also {key}); not sk-proj-Abc123_xyz-780 nor {key[:-1]}'
+    assert redact_fingerprinted(text, fingerprint, len(key)) == (
+        'invalid key "[redacted]" (also [redacted]); not sk-proj-Abc123_xyz-780 nor ' + key[:-1]
+    )
+    glued = f"prefix{key}suffix"  # inside a longer run of key characters
+    assert redact_fingerprinted(glued, fingerprint, len(key)) == "prefix[redacted]suffix"
+    assert redact_fingerprinted(orjson.dumps({"k": 1}).decode(), fingerprint, len(key)) == '{"k":1}'
