@@ -91,7 +91,7 @@ def new_request_id() -> str:
     """A UUIDv7 (RFC 9562): millisecond time first, then 74 random bits. Time-ordered ids are appended
     at the end of the unique index instead of landing at random places in it, which keeps inserts into
     a large ledger fast, and they sort in arrival order."""
-    value = (time.time_ns() // 1_000_000 & MASK_48) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (time.time_ns() // 1_000_000 & MASK_48) << 80 | int.from_bytes(_random_bytes(10), "big")
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC variant
     digits = f"{value:032x}"
@@ -99,6 +99,18 @@ def new_request_id() -> str:
 
 
 MASK_48 = (1 << 48) - 1
+_POOL_SIZE = 4096
+_pool = bytearray()
+
+
+def _random_bytes(count: int) -> bytes:
+    """os.urandom, read 4 KiB at a time: one getrandom() call per ~400 ids instead of one per id."""
+    global _pool
+    if len(_pool) < count:
+        _pool = bytearray(os.urandom(_POOL_SIZE))
+    taken = bytes(_pool[-count:])
+    del _pool[-count:]
+    return taken
 SECRET_QUERY_PARAMETERS = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token", "code"})
 
 
