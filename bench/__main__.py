@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,7 @@ class Bench:
                     target["rss_end"] = rss_mb(target["pid"])
             for target in targets:
                 if target.get("service") is not None:
+                    target["catch_up_s"] = wait_caught_up(target)
                     target["exit_code"] = target["service"].stop()
                     target.update(count_rows(target["database"]))
         finally:
@@ -254,6 +256,31 @@ class Bench:
             target.pop("service", None)
             target["database"] = str(target.get("database") or "") or None
         return {"mode": mode, "upstream": upstream_kind, "targets": targets, "summary": rows}
+
+
+def wait_caught_up(target: dict[str, Any], timeout: float = 120.0) -> float | None:
+    """Seconds until the writers have nothing queued and the spool is empty (None: not within timeout).
+
+    Under a saturated CPU the writer (a lower-priority process) falls behind and spools what waited
+    over a second; it catches up once the load stops. Health answers from one worker at a time, so it
+    must read idle several times in a row.
+    """
+    start = time.monotonic()
+    spool = target["database"].with_name(target["database"].name + ".spool")
+    idle_reads = 0
+    while time.monotonic() - start < timeout:
+        try:
+            with urllib.request.urlopen(target["url"] + "/_ledger/health", timeout=5) as response:
+                health = json.load(response)
+        except OSError:
+            health = {"queue_depth": -1}
+        segments = list(spool.glob("*.jsonl")) if spool.exists() else []
+        idle = health.get("queue_depth") == 0 and not [p for p in segments if not p.name.startswith("rejected")]
+        idle_reads = idle_reads + 1 if idle else 0
+        if idle_reads >= 6:
+            return round(time.monotonic() - start, 1)
+        time.sleep(0.25)
+    return None
 
 
 def count_rows(database: Path) -> dict[str, Any]:

@@ -34,6 +34,9 @@ def rows_verdict(target: dict[str, Any]) -> str:
         verdict = f"SPOOLED ({spool_only:,} only in spool)"
     else:
         verdict = "MISMATCH" + (f" (+{spool_only:,} in spool)" if spool_only else "")
+    catch_up = target.get("catch_up_s")
+    if catch_up:  # the writer was behind when the load stopped
+        verdict += f" (writer caught up {catch_up:g} s after load)"
     return f"{rows:,} / {bounds} {verdict}"
 
 

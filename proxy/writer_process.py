@@ -335,7 +335,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
-        os.nice(19)  # the serving process wins when both want the core
+        os.nice(10)  # the serving process wins when both want the core
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
