@@ -25,7 +25,7 @@ import struct
 import sys
 from typing import Any
 
-from .capture import Exchange
+from .capture import Exchange, materialize
 from .completions import CompletionRecord
 from .config import Config, default_spool_dir
 from .metrics import LedgerMetrics, summarize
@@ -37,6 +37,7 @@ HEADER = struct.Struct(">I")
 SEND_INTERVAL = 0.02  # how long a record may wait in the outbox: batching frames saves syscalls
 STATS_INTERVAL = 0.25
 START_TIMEOUT = 60.0
+BEHIND_LIMIT = 1_000  # records queued for the child past which the serving process parses them itself
 STAT_NAMES = (
     "rows_written",
     "rows_spooled",
@@ -81,6 +82,7 @@ class RecorderLink:
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._tokens = itertools.count()
         self._closing = False
+        self._was_behind = False
         self._sent = 0  # records sent to the current child; it reports how many it received
         self._lost_here = 0
         self._stats: dict[str, Any] = {name: 0 for name in STAT_NAMES}
@@ -90,7 +92,15 @@ class RecorderLink:
     # ---- the Recorder's interface ---------------------------------------------------------------
 
     def submit(self, item: CompletionRecord | Exchange) -> None:
-        """O(1) and never blocks: the record goes out with the next frame."""
+        """Never blocks: the record goes out with the next frame.
+
+        While the child is more than BEHIND_LIMIT records behind (a CPU too busy to give it its share),
+        exchanges are parsed here before they go: the serving process then pays for parsing, as the
+        in-process writer does, which slows it to a pace the writer can follow instead of letting raw
+        copies pile up in memory without bound.
+        """
+        if type(item) is Exchange and self._behind():
+            item = materialize(item)
         self._outbox.append(item)
         if self._send_handle is None:
             self._send_handle = asyncio.get_running_loop().call_later(SEND_INTERVAL, self._send_outbox)
@@ -100,12 +110,30 @@ class RecorderLink:
             value = self._stats[name]
             if name == "rows_lost":
                 return value + self._lost_here
-            if name == "queue_depth":
-                return value + len(self._outbox)
+            if name == "queue_depth":  # records in the child, in the pipe, and not yet sent
+                return value + self.in_flight + len(self._outbox)
             if name == "degraded":
                 return value or self._lost_here > 0
             return value
         raise AttributeError(name)
+
+    def _behind(self) -> bool:
+        behind = self._stats["queue_depth"] + self.in_flight + len(self._outbox) > BEHIND_LIMIT
+        if behind != self._was_behind:
+            self._was_behind = behind
+            if behind:
+                log.warning(
+                    "writer process is over %d records behind; parsing in the serving process until it catches up",
+                    BEHIND_LIMIT,
+                )
+            else:
+                log.info("writer process caught up")
+        return behind
+
+    @property
+    def in_flight(self) -> int:
+        """Records sent that the child had not read at its last report."""
+        return max(0, self._sent - self._stats["received"])
 
     async def start(self) -> None:
         await self._spawn()

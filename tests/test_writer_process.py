@@ -17,7 +17,10 @@ import openai
 import orjson
 import pytest
 
+from proxy import writer_process
 from proxy.capture import redact_fingerprinted
+from proxy.completions import CompletionRecord
+from proxy.keys import FORWARDER
 from proxy.request_facts import key_fingerprint
 
 from .conftest import Ledger, make_config, start_ledger
@@ -194,3 +197,38 @@ def test_redaction_by_fingerprint_finds_the_key_and_nothing_else() -> None:
     glued = f"prefix{key}suffix"  # inside a longer run of key characters
     assert redact_fingerprinted(glued, fingerprint, len(key)) == "prefix[redacted]suffix"
     assert redact_fingerprinted(orjson.dumps({"k": 1}).decode(), fingerprint, len(key)) == '{"k":1}'
+
+
+async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_copies(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(writer_process, "BEHIND_LIMIT", -1)  # always "behind": the serving process parses
+    upstream.add(OPENAI_INCLUDE_USAGE.name, sse_reply(OPENAI_INCLUDE_USAGE.body))
+    config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
+    ledger = await start_ledger(config)
+    try:
+        link = ledger.recorder
+        sent: list[object] = []
+        submit = link.submit
+
+        def spy(item: object) -> None:
+            submit(item)  # type: ignore[arg-type]
+            sent.append(link._outbox[-1])  # type: ignore[union-attr]
+
+        ledger.app[FORWARDER]._submit = spy
+        async with aiohttp.ClientSession() as session:
+            async with session.post(ledger.url + CHAT, json={"model": "gpt-4o"}) as response:
+                await response.read()
+            body = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
+            headers = {"X-Fake-Scenario": OPENAI_INCLUDE_USAGE.name}
+            async with session.post(ledger.url + CHAT, json=body, headers=headers) as response:
+                assert await response.read() == OPENAI_INCLUDE_USAGE.body
+        rows = await ledger.rows(count=2)
+    finally:
+        await ledger.stop()
+    assert [type(item) for item in sent] == [CompletionRecord, CompletionRecord]  # no raw copy went out
+    assert rows[0]["completion_id"] == OPENAI_BASIC["id"]
+    assert rows[1]["completion_id"] == OPENAI_INCLUDE_USAGE.row["completion_id"]
+    assert rows[1]["completion_tokens"] == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
+    assert any("behind" in r.getMessage() for r in caplog.records)
