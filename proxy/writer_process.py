@@ -37,7 +37,7 @@ HEADER = struct.Struct(">I")
 SEND_INTERVAL = 0.02  # how long a record may wait in the outbox: batching frames saves syscalls
 STATS_INTERVAL = 0.25
 START_TIMEOUT = 60.0
-BEHIND_LIMIT = 1_000  # records queued for the child past which the serving process parses them itself
+BEHIND_BYTES = 32 * 1024 * 1024  # unread frames past which the serving process parses exchanges itself
 STAT_NAMES = (
     "rows_written",
     "rows_spooled",
@@ -94,7 +94,7 @@ class RecorderLink:
     def submit(self, item: CompletionRecord | Exchange) -> None:
         """Never blocks: the record goes out with the next frame.
 
-        While the child is more than BEHIND_LIMIT records behind (a CPU too busy to give it its share),
+        While the child has more than BEHIND_BYTES of frames unread (a CPU too busy to give it its share),
         exchanges are parsed here before they go: the serving process then pays for parsing, as the
         in-process writer does, which slows it to a pace the writer can follow instead of letting raw
         copies pile up in memory without bound.
@@ -118,13 +118,18 @@ class RecorderLink:
         raise AttributeError(name)
 
     def _behind(self) -> bool:
-        behind = self._stats["queue_depth"] + self.in_flight + len(self._outbox) > BEHIND_LIMIT
+        """True while more than BEHIND_BYTES of frames wait for the child to read them."""
+        process = self._process
+        waiting = 0
+        if process is not None and process.stdin is not None:
+            waiting = process.stdin.transport.get_write_buffer_size()
+        behind = waiting > BEHIND_BYTES
         if behind != self._was_behind:
             self._was_behind = behind
             if behind:
                 log.warning(
-                    "writer process is over %d records behind; parsing in the serving process until it catches up",
-                    BEHIND_LIMIT,
+                    "writer process is over %d MiB behind; parsing in the serving process until it catches up",
+                    BEHIND_BYTES // (1024 * 1024),
                 )
             else:
                 log.info("writer process caught up")

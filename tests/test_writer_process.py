@@ -203,7 +203,7 @@ async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_cop
     upstream: FakeUpstream, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(writer_process, "BEHIND_LIMIT", -1)  # always "behind": the serving process parses
+    monkeypatch.setattr(writer_process, "BEHIND_BYTES", -1)  # always "behind": the serving process parses
     upstream.add(OPENAI_INCLUDE_USAGE.name, sse_reply(OPENAI_INCLUDE_USAGE.body))
     config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
     ledger = await start_ledger(config)
