@@ -335,8 +335,10 @@ async def _child(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             if message is None or message[0] == "close":
                 break
             if message[0] == "items":
+                # parsed as they arrive, a frame (a few ms of traffic) at a time: the raw copies are
+                # freed at once, and reading never waits behind a whole batch being parsed
                 for item in message[1]:
-                    recorder.submit(Exchange._make(item) if type(item) is tuple else item)
+                    recorder.submit(materialize(Exchange._make(item)) if type(item) is tuple else item)
                 received += len(message[1])
             elif message[0] == "idle":
                 task = asyncio.create_task(answer_when_idle(message[1]))
@@ -367,8 +369,6 @@ def main() -> None:
     # the parent decides when the writer stops (it drains on close); Ctrl-C reaches the whole group
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        os.nice(10)  # the serving process wins when both want the core
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
