@@ -369,6 +369,9 @@ def main() -> None:
     # the parent decides when the writer stops (it drains on close); Ctrl-C reaches the whole group
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(10)  # the serving process wins when both want a core; a writer that falls behind
+        # hands parsing back to it (RecorderLink.submit), so a starved writer cannot pile up memory
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
