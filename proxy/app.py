@@ -15,7 +15,7 @@ from sqlalchemy import text
 from . import __version__
 from .api import add_routes as add_api_routes
 from .completions import CompletionRecord
-from .config import Config, default_spool_dir
+from .config import Config
 from .db import create_engine
 from .forward import Forwarder, json_error, refusal
 from .keys import CONFIG, ENGINE, FORWARDER, METRICS, PRICER, RECORDER
@@ -71,15 +71,7 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
         recorder = RecorderLink(app[CONFIG], app[METRICS])
         await recorder.start()
     else:
-        recorder = Recorder(
-            app[ENGINE],
-            default_spool_dir(config),
-            queue_max=config.queue_max,
-            batch_max=config.batch_max,
-            write_timeout=config.write_timeout,
-            flush_interval=config.flush_interval,
-            on_batch=_on_batch(app),
-        )
+        recorder = Recorder.from_config(app[ENGINE], config, _on_batch(app))
         recorder.start()
     app[METRICS].watch(recorder)
     app[RECORDER] = recorder

@@ -67,9 +67,24 @@ def materialize(exchange: Exchange) -> CompletionRecord:
     )
     record.status_code = exchange.status
     record.duration_ms = round((exchange.finished - exchange.started) * 1000, 3)
-    record.outcome = "unparsed"
-    record.error = INTERNAL_ERROR
+    record.outcome, record.error = "unparsed", INTERNAL_ERROR
     return record
+
+
+def classify_guarded(
+    record: CompletionRecord,
+    failure: tuple[str, str] | None,
+    stream_tap: StreamTap | None,
+    body_tap: BodyTap | None,
+    chat: bool,
+    started: float,
+) -> None:
+    """classify(), where a parser bug costs the parsed fields, never the row."""
+    try:
+        classify(record, failure, stream_tap, body_tap, chat, started)
+    except Exception:
+        log.exception("parsing the response of request %s failed", record.request_id)
+        record.outcome, record.error = "unparsed", INTERNAL_ERROR
 
 
 def _materialize(exchange: Exchange) -> CompletionRecord:

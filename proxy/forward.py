@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .capture import INTERNAL_ERROR, Exchange, classify, new_record
+from .capture import Exchange, classify_guarded, new_record
 from .completions import CompletionRecord
 from .config import Config
 from .request_facts import (
@@ -33,8 +32,6 @@ from .request_facts import (
     redact_query,
 )
 from .taps import MAX_PARSED_BODY, BodyTap, StreamTap
-
-log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Ledger-Request-Id"
 HOP_BY_HOP = frozenset(
@@ -125,6 +122,13 @@ def refusal(request: web.Request) -> str | None:
     if not request.raw_path.startswith("/"):
         return "absolute-form request targets are not accepted: send the path only"
     return None
+
+
+def read_failure(exc: BaseException) -> tuple[str, str]:
+    """(outcome, reason) for an upstream read that failed mid-response."""
+    if isinstance(exc, TimeoutError):  # before OSError: it is one (aiohttp's read timeout too)
+        return ("timeout", "upstream read timed out mid-response")
+    return ("upstream_error", f"upstream connection lost mid-response: {type(exc).__name__}: {exc}")
 
 
 async def _salvage(
@@ -277,9 +281,10 @@ class Forwarder:
         try:
             if call is None:
                 return await self._relay_unlogged(request, upstream)
-            if call.chat and not self._must_strip(call, upstream):
-                return await self._relay_captured(request, upstream, call)
-            return await self._relay_recorded(request, upstream, call)
+            event_stream = upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
+            if call.chat and not self._must_strip(call, upstream, event_stream):
+                return await self._relay_captured(request, upstream, call, event_stream)
+            return await self._relay_recorded(request, upstream, call, event_stream)
         finally:
             upstream.release()
 
@@ -309,14 +314,9 @@ class Forwarder:
         return json_error(status, message, "proxy_error", code, request_id)
 
     @staticmethod
-    def _must_strip(call: _Call, upstream: aiohttp.ClientResponse) -> bool:
+    def _must_strip(call: _Call, upstream: aiohttp.ClientResponse, event_stream: bool) -> bool:
         """The proxy added include_usage, so the usage chunk must be cut out on the request path."""
-        return (
-            call.facts is not None
-            and call.facts.usage_injected
-            and upstream.status < 300
-            and _is_event_stream(upstream)
-        )
+        return event_stream and upstream.status < 300 and call.facts is not None and call.facts.usage_injected
 
     async def _relay_unlogged(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         headers = forwardable_response_headers(upstream.headers)
@@ -330,13 +330,12 @@ class Forwarder:
         return response
 
     async def _relay_captured(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call
+        self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call, event_stream: bool
     ) -> web.StreamResponse:
         """Pass the response on read by read and keep the reads; the writer parses them."""
         headers_at = time.perf_counter()
         headers = forwardable_response_headers(upstream.headers)
         headers[REQUEST_ID_HEADER] = call.request_id
-        event_stream = _is_event_stream(upstream)
         copy = _Copy(times=[] if event_stream and upstream.status < 300 else None)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
@@ -386,12 +385,11 @@ class Forwarder:
         )
 
     async def _relay_recorded(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call
+        self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call, is_sse: bool
     ) -> web.StreamResponse:
         headers_at = time.perf_counter()
         record = self._record(call)
         headers = forwardable_response_headers(upstream.headers)
-        is_sse = _is_event_stream(upstream)
         encoding = upstream.headers.get("Content-Encoding")
         body_tap: BodyTap | None = None
         stream_tap: StreamTap | None = None
@@ -418,11 +416,11 @@ class Forwarder:
             failure = await self._pump(request, upstream, response, stream_tap, body_tap)
         except asyncio.CancelledError:  # the client went away while we waited on the upstream
             upstream.close()
-            self._complete(record, DISCONNECTED, stream_tap, body_tap, call)
+            classify_guarded(record, DISCONNECTED, stream_tap, body_tap, call.chat, call.started)
             self._finish(call, record)
             raise
         self._after_failure(request, upstream, failure)
-        self._complete(record, failure, stream_tap, body_tap, call)
+        classify_guarded(record, failure, stream_tap, body_tap, call.chat, call.started)
         self._finish(call, record)
         return response
 
@@ -449,10 +447,8 @@ class Forwarder:
         while True:
             try:
                 chunk = await content.readany()
-            except TimeoutError:
-                return ("timeout", "upstream read timed out mid-response")
-            except (aiohttp.ClientError, OSError) as exc:
-                return ("upstream_error", f"upstream connection lost mid-response: {type(exc).__name__}: {exc}")
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                return read_failure(exc)
             try:
                 if not chunk:
                     await response.write_eof()
@@ -466,6 +462,8 @@ class Forwarder:
                     else:
                         copy.overflow = True
                         chunks.clear()
+                        if times is not None:
+                            times.clear()
                 await response.write(chunk)
             except ConnectionError:
                 return DISCONNECTED
@@ -487,12 +485,8 @@ class Forwarder:
         while True:
             try:
                 chunk = await content.readany()
-            except TimeoutError:
-                reason = "upstream read timed out mid-response"
-                return await _salvage(response, stream_tap, ("timeout", reason))
-            except (aiohttp.ClientError, OSError) as exc:
-                reason = f"upstream connection lost mid-response: {type(exc).__name__}: {exc}"
-                return await _salvage(response, stream_tap, ("upstream_error", reason))
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                return await _salvage(response, stream_tap, read_failure(exc))
             if stream_tap is not None:
                 now = time.perf_counter()
                 out = stream_tap.feed(chunk, now) if chunk else stream_tap.close(now)
@@ -515,27 +509,6 @@ class Forwarder:
         transport = request.transport
         if transport is not None:
             transport.abort()
-
-    @staticmethod
-    def _complete(
-        record: CompletionRecord,
-        failure: tuple[str, str] | None,
-        stream_tap: StreamTap | None,
-        body_tap: BodyTap | None,
-        call: _Call,
-    ) -> None:
-        """Classify the call; a parser bug costs the parsed fields, never the row."""
-        try:
-            classify(record, failure, stream_tap, body_tap, call.chat, call.started)
-        except Exception:
-            log.exception("parsing the response of request %s failed", record.request_id)
-            record.outcome = "unparsed"
-            record.error = INTERNAL_ERROR
-
-
-def _is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
-    return upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
-
 
 def _upstream_request_id(upstream: aiohttp.ClientResponse) -> str | None:
     for name in UPSTREAM_ID_HEADERS:

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .capture import Exchange, materialize
 from .completions import ChoiceRecord, CompletionRecord
 from .completions import clean_text as safe_text
+from .config import DatabaseConfig, default_spool_dir
 from .db import choices_table, completions_table
 from .spool import Spool, row_from_spool
 from .writes import BatchWriter
@@ -206,6 +207,23 @@ class Recorder:
         self._unlogged_losses = 0
         self._loss_logged_at = -LOSS_LOG_INTERVAL
         self.last_error: str | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        engine: AsyncEngine,
+        config: DatabaseConfig,
+        on_batch: Callable[[list[CompletionRecord]], None] | None = None,
+    ) -> Recorder:
+        return cls(
+            engine,
+            default_spool_dir(config),
+            queue_max=config.queue_max,
+            batch_max=config.batch_max,
+            write_timeout=config.write_timeout,
+            flush_interval=config.flush_interval,
+            on_batch=on_batch,
+        )
 
     # ---- request side -------------------------------------------------------------------------
 

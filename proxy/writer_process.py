@@ -297,16 +297,7 @@ async def _child(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         finally:
             summaries.append(summarize(records))
 
-    database = config.database
-    recorder = Recorder(
-        engine,
-        default_spool_dir(database),
-        queue_max=database.queue_max,
-        batch_max=database.batch_max,
-        write_timeout=database.write_timeout,
-        flush_interval=database.flush_interval,
-        on_batch=on_batch,
-    )
+    recorder = Recorder.from_config(engine, config.database, on_batch)
     recorder.start()
 
     def stats() -> None:
