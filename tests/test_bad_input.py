@@ -18,7 +18,6 @@ right type, leaves the rest NULL, and marks the row `unparsed` when nothing coul
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from typing import Any
@@ -30,21 +29,12 @@ import pytest
 from proxy.completions import CompletionRecord, parse_completion_body
 
 from .conftest import Ledger, make_config, start_ledger
+from .helpers import raw_request
 from .payloads import OPENAI_BASIC
 from .upstream import FakeUpstream, json_reply, sse_reply
 
 CHAT_PATH = "/v1/chat/completions"
 KEY = "sk-bad-input-key-000111222333"
-
-
-async def raw_request(ledger: Ledger, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", ledger.port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 def http_status(response: bytes) -> int:
@@ -183,7 +173,7 @@ async def test_body_over_the_limit_is_413_json_and_never_forwarded(
 async def test_absurd_request_heads_get_400_before_any_handler(
     ledger: Ledger, upstream: FakeUpstream, request_bytes: bytes
 ) -> None:
-    response = await raw_request(ledger, request_bytes)
+    response = await raw_request(ledger.port, request_bytes)
     assert http_status(response) in (400, 431)
     assert upstream.requests == []
     assert await ledger.rows() == []
@@ -196,7 +186,7 @@ async def test_non_utf8_headers_are_forwarded_and_stored_sanitized(
 ) -> None:
     body = b'{"model": "gpt-4o", "user": "u\\u0000x"}'
     response = await raw_request(
-        ledger,
+        ledger.port,
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Authorization: Bearer sk-\xff\xfe-key\r\n"
         b"X-Custom: caf\xe9\r\n"

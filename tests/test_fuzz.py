@@ -30,19 +30,13 @@ from proxy.spool import encode_row
 from proxy.sse import SSEDecoder
 from proxy.taps import StreamTap
 
+from .test_completion_parsing import TOKEN_COLUMNS as PARSED_TOKEN_COLUMNS
+
 pytestmark = pytest.mark.slow
 
 EXAMPLES = int(os.environ.get("CHATLEDGER_FUZZ_EXAMPLES", "300"))  # raise it for a deeper run
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TOKEN_COLUMNS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "created",
-)
+TOKEN_COLUMNS = (*PARSED_TOKEN_COLUMNS, "created")
 TEXT_COLUMNS = ("completion_id", "object", "model", "provider", "system_fingerprint", "service_tier", "error")
 
 KEYS = st.sampled_from(

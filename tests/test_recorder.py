@@ -19,15 +19,15 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.completions import ChoiceRecord, CompletionRecord
-from proxy.db import choices_table, completions_table, create_engine
+from proxy.db import create_engine
 from proxy.migrate import upgrade_url
 from proxy.recorder import Recorder, describe, is_data_error, record_to_row, safe_text
 from proxy.spool import Spool
 
+from .helpers import eventually, stored
 from .test_reliability import HeldLock
 
 PATH = "/v1/chat/completions"
@@ -59,39 +59,6 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(database_url)
     yield engine
     await engine.dispose()
-
-
-async def stored(engine: AsyncEngine) -> dict[str, dict[str, Any]]:
-    """request_id -> row, plus the choice count per row; asserts no request_id appears twice."""
-    async with engine.connect() as conn:
-        rows = [dict(r._mapping) for r in await conn.execute(select(completions_table))]
-        counts = dict(
-            (
-                await conn.execute(
-                    select(choices_table.c.completion_pk, func.count()).group_by(
-                        choices_table.c.completion_pk
-                    )
-                )
-            ).all()
-        )
-    by_id = {row["request_id"]: row for row in rows}
-    assert len(by_id) == len(rows), "duplicate request_id"
-    for row in rows:
-        row["choice_count"] = counts.get(row["id"], 0)
-    return by_id
-
-
-async def eventually(predicate: Any, within: float = 10.0, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
 
 
 def spooled_ids(directory: Path, pattern: str = "spool-*.jsonl") -> list[str]:

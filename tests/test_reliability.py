@@ -26,14 +26,13 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from sqlalchemy import func, select
 
-from proxy.db import choices_table, completions_table, create_engine
 from proxy.keys import ENGINE
 from proxy.migrate import upgrade_url
 from proxy.recorder import HOLD_MAX
 
 from .conftest import make_config, start_ledger
+from .helpers import eventually, rows_by_request_id
 from .payloads import OPENAI_BASIC, openai_stream
 from .upstream import FakeUpstream, sse_reply
 
@@ -165,41 +164,6 @@ class Load:
     def stop(self) -> None:
         self._stop = True
         self._stopped.set()
-
-
-async def rows_by_request_id(database_url: str) -> dict[str, dict[str, Any]]:
-    engine = create_engine(database_url)
-    try:
-        async with engine.connect() as conn:
-            rows = [dict(r._mapping) for r in await conn.execute(select(completions_table))]
-            choices = dict(
-                (
-                    await conn.execute(
-                        select(choices_table.c.completion_pk, func.count()).group_by(
-                            choices_table.c.completion_pk
-                        )
-                    )
-                ).all()
-            )
-    finally:
-        await engine.dispose()
-    by_id = {row["request_id"]: row for row in rows}
-    assert len(by_id) == len(rows), "a request_id was written twice"
-    for row in rows:
-        row["choice_count"] = choices.get(row["id"], 0)
-    return by_id
-
-
-async def eventually(predicate: Any, within: float = 20.0, state: Any = None) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"condition not reached in time: {state() if state else ''}"
-        await asyncio.sleep(0.1)
 
 
 def recorder_state(ledger: Any) -> dict[str, Any]:

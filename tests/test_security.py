@@ -22,21 +22,12 @@ from proxy.db import completions_table
 from proxy.request_facts import key_fingerprint
 
 from .conftest import Ledger, make_config, start_ledger
+from .helpers import raw_request
 from .payloads import OPENAI_BASIC, openai_stream
 from .test_reliability import HeldLock, free_port, serve, write_config
 from .upstream import FakeUpstream, json_reply, sse_reply
 
 SECRET_KEY = "sk-proj-SECRETKEY-do-not-store-4f9a1c2e7b"
-
-
-async def raw_request(port: int, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 # ---- not an open proxy ------------------------------------------------------------------------------

@@ -364,7 +364,7 @@ async def test_100_mb_response_streams_through_with_bounded_memory(
     finally:
         served.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(served.process.wait(), 20) == 0
-    from .test_reliability import rows_by_request_id
+    from .helpers import rows_by_request_id
 
     row = (await rows_by_request_id(database_url))[request_id]
     assert row["outcome"] == "unparsed"

@@ -24,6 +24,7 @@ from proxy.keys import FORWARDER
 from proxy.request_facts import key_fingerprint
 
 from .conftest import Ledger, make_config, start_ledger
+from .helpers import eventually
 from .payloads import OPENAI_BASIC
 from .stream_payloads import CASES, OPENAI_INCLUDE_USAGE, OPENROUTER
 from .upstream import FakeUpstream, json_reply, sse_reply
@@ -154,10 +155,7 @@ async def test_a_killed_writer_process_is_restarted_and_logging_goes_on(
             await response.read()
         await process_ledger.rows(count=1)
         os.kill(first, signal.SIGKILL)
-        deadline = asyncio.get_running_loop().time() + 30
-        while child_pid(process_ledger) == first or process_ledger.recorder._ready is None:  # type: ignore[union-attr]
-            assert asyncio.get_running_loop().time() < deadline, "no new writer process"
-            await asyncio.sleep(0.05)
+        await eventually(lambda: child_pid(process_ledger) != first, within=30)  # a new writer process
         await asyncio.wait_for(process_ledger.recorder._ready, 30)  # type: ignore[union-attr]
         async with session.post(process_ledger.url + CHAT, json={"model": "after"}) as response:
             assert response.status == 200  # calls never waited on the writer
