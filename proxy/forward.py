@@ -132,7 +132,7 @@ def read_failure(exc: BaseException) -> tuple[str, str]:
 
 
 async def _salvage(
-    response: web.StreamResponse, stream_tap: StreamTap | None, failure: tuple[str, str]
+    response: web.StreamResponse, stream_tap: StreamTap | _Copy | None, failure: tuple[str, str]
 ) -> tuple[str, str]:
     """The upstream failed mid-stream: fold what was seen and pass on bytes the tap still held back."""
     if stream_tap is not None:
@@ -164,12 +164,30 @@ class _Call:
 
 @dataclass(slots=True)
 class _Copy:
-    """The copy of a response's reads kept for the writer, bounded by MAX_PARSED_BODY."""
+    """The copy of a response's reads kept for the writer, bounded by MAX_PARSED_BODY. A tap like
+    StreamTap (feed/close), except that it never holds bytes back from the client."""
 
     times: list[float] | None
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
     overflow: bool = False
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        if not self.overflow:
+            self.size += len(chunk)
+            if self.size <= MAX_PARSED_BODY:
+                self.chunks.append(chunk)
+                if self.times is not None:
+                    self.times.append(now)
+            else:
+                self.overflow = True
+                self.chunks.clear()
+                if self.times is not None:
+                    self.times.clear()
+        return chunk
+
+    def close(self, now: float, complete: bool = True) -> bytes:
+        return b""
 
 
 class Forwarder:
@@ -339,7 +357,7 @@ class Forwarder:
         copy = _Copy(times=[] if event_stream and upstream.status < 300 else None)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
-            failure = await self._pump_copy(request, upstream, response, copy)
+            failure = await self._pump(request, upstream, response, copy, None)
         except asyncio.CancelledError:  # the client went away while we waited on the upstream
             upstream.close()
             self._capture(call, upstream, event_stream, headers_at, copy, DISCONNECTED)
@@ -434,49 +452,16 @@ class Forwarder:
                 cls._abort(request)
 
     @staticmethod
-    async def _pump_copy(
-        request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse, copy: _Copy
-    ) -> tuple[str, str] | None:
-        """Copy the body to the client read by read, keeping each read (and, for a stream, its time)."""
-        try:
-            await response.prepare(request)
-        except ConnectionError:
-            return DISCONNECTED
-        content = upstream.content
-        chunks, times = copy.chunks, copy.times
-        while True:
-            try:
-                chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                return read_failure(exc)
-            try:
-                if not chunk:
-                    await response.write_eof()
-                    return None
-                if not copy.overflow:
-                    copy.size += len(chunk)
-                    if copy.size <= MAX_PARSED_BODY:
-                        chunks.append(chunk)
-                        if times is not None:
-                            times.append(time.perf_counter())
-                    else:
-                        copy.overflow = True
-                        chunks.clear()
-                        if times is not None:
-                            times.clear()
-                await response.write(chunk)
-            except ConnectionError:
-                return DISCONNECTED
-
-    @staticmethod
     async def _pump(
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         response: web.StreamResponse,
-        stream_tap: StreamTap | None,
+        stream_tap: StreamTap | _Copy | None,
         body_tap: BodyTap | None,
     ) -> tuple[str, str] | None:
-        """Copy the body to the client read by read; returns (outcome, reason) if either side failed."""
+        """Copy the body to the client read by read; returns (outcome, reason) if either side failed.
+
+        stream_tap sees every read with its arrival time and decides what the client gets of it."""
         try:
             await response.prepare(request)
         except ConnectionError:
