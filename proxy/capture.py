@@ -104,8 +104,7 @@ def _materialize(exchange: Exchange) -> CompletionRecord:
     body_tap: BodyTap | None = None
     if exchange.times is not None:
         stream_tap = StreamTap(record, exchange.encoding, strip_usage_chunk=False, expected_choices=facts.choices)
-        for chunk, at in zip(exchange.chunks, exchange.times, strict=True):
-            stream_tap.feed(chunk, at)
+        stream_tap.feed_all(exchange.chunks, exchange.times)
         if exchange.failure is None:
             stream_tap.close(exchange.finished)
         elif exchange.failure[0] != "client_disconnected":  # the upstream broke off: fold what came

@@ -14,6 +14,7 @@ from .sse import SSEDecoder, SSEEvent
 
 MAX_PARSED_BODY = 16 * 1024 * 1024
 MAX_HELD_BYTES = 1024 * 1024
+TAIL_BYTES = 4096  # what feed_all always parses of a settled stream: the finish, usage and [DONE] events
 
 
 class Decompressor(Protocol):
@@ -174,6 +175,35 @@ class StreamTap:
         if drops and drops[-1].end == self._sse.offset:
             self._cr_drop = drops[-1]
         return out
+
+    def feed_all(self, chunks: list[bytes], times: list[float]) -> None:
+        """Fold a whole captured stream (the writer's case: every read is already here).
+
+        Reads are fed one by one until the folder is settled; then only the last TAIL_BYTES are parsed,
+        when one byte search over the rest says it carries no finish reason, usage, error or [DONE].
+        Per-read times matter only until then (first event, first content).
+        """
+        count = len(chunks)
+        index = 0
+        while index < count and not self.folder.settled:
+            self.feed(chunks[index], times[index])
+            index += 1
+        if index == count:
+            return
+        rest = chunks[index] if index == count - 1 else b"".join(chunks[index:])
+        if self._decoder is None and self._readable and not self._strip and len(rest) > TAIL_BYTES:
+            if not self._sse.at_boundary:  # finish the event a read cut in two
+                end = rest.find(b"\n\n") + 2
+                if end >= 2:
+                    self.feed(rest[:end], times[-1])
+                    rest = rest[end:]
+            cut = rest.rfind(b"\n\n", 0, len(rest) - TAIL_BYTES) + 2
+            if cut >= 2 and self._sse.at_boundary:
+                head = rest[:cut]
+                if b"\r" not in head and not chunk_may_matter(head):
+                    self._sse.skip(head)
+                    rest = rest[cut:]
+        self.feed(rest, times[-1])
 
     def close(self, now: float, complete: bool = True) -> bytes:
         """End of stream: fold a trailing unterminated event; returns any bytes still held back.

@@ -26,6 +26,7 @@ from aiohttp import web
 from openrouter import OpenRouter
 
 from proxy.completions import CompletionRecord, StreamFolder
+from proxy.recorder import record_to_row
 from proxy.taps import MAX_HELD_BYTES, StreamTap
 
 from .conftest import Ledger, make_config, start_ledger
@@ -142,6 +143,78 @@ def test_tap_skips_parsing_plain_content_deltas_once_settled() -> None:
         assert (record.completion_id, record.prompt_tokens, record.completion_tokens) == ("chatcmpl-long", 3, 200)
         assert [(c.index, c.finish_reason, c.role) for c in record.choices] == [(0, "length", "assistant")]
         assert tap.folder.parsed_events < 15, tap.folder.parsed_events
+
+
+STARTED = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _payload(block: bytes) -> Any:
+    data = block.strip().removeprefix(b"data:").strip()
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _lengthened(case: StreamCase, copies: int, at: int | None = None) -> list[bytes]:
+    """The case's blocks with its first content-delta block repeated `copies` times, inserted before
+    block `at` (default: right after that block): a long stream of the case's shape."""
+    content = next(
+        (n for n, chunk in enumerate(case.chunks) if any(
+            isinstance(c.get("delta"), dict) and c["delta"].get("content") for c in chunk.get("choices") or ())),
+        None,
+    )
+    blocks = list(case.blocks)
+    if content is None:
+        return blocks
+    block = next((b for b in blocks if _payload(b) == case.chunks[content]), None)
+    if block is None:  # multi-line data: the event spans several blocks as split here
+        return blocks
+    if at is None:
+        at = blocks.index(block) + 1
+    return blocks[:at] + [block] * copies + blocks[at:]
+
+
+def _fold(pieces: list[bytes], times: list[float], whole: bool) -> tuple[CompletionRecord, StreamTap]:
+    tap = StreamTap(CompletionRecord("req", STARTED, "POST", CHAT, "http://u"), None, strip_usage_chunk=False)
+    if whole:
+        tap.feed_all(pieces, times)
+    else:
+        for piece, at in zip(pieces, times, strict=True):
+            tap.feed(piece, at)
+    tap.close(times[-1] + 1 if times else 0.0)
+    return tap.folder.record, tap
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_feed_all_folds_a_captured_stream_as_read_by_read_feeding_does(case: StreamCase) -> None:
+    """The writer folds a whole captured stream with feed_all, which skips the settled middle unparsed:
+    for long and short variants of every stream, cut anywhere, it must give the same record and times."""
+    rng = random.Random(case.name)
+    variants = [(copies, None) for copies in (0, 40, 400)]
+    variants += [(60, at) for at in range(1, len(case.blocks))]  # the middle holds finishes, usage, errors
+    for copies, at in variants:
+        body = b"".join(_lengthened(case, copies, at))
+        for _ in range(8 if at is None else 3):
+            cuts = sorted(rng.sample(range(1, len(body)), rng.randint(1, 40)))
+            pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+            times = [float(n) for n in range(1, len(pieces) + 1)]
+            whole, whole_tap = _fold(pieces, times, whole=True)
+            each, each_tap = _fold(pieces, times, whole=False)
+            assert record_to_row(whole) == record_to_row(each), (copies, at, cuts)
+            assert (whole_tap.first_event_at, whole_tap.first_content_at) == (
+                each_tap.first_event_at, each_tap.first_content_at)
+            assert whole_tap.folder.failed == each_tap.folder.failed
+            if copies == 0:
+                record_matches(whole, case)
+
+
+def test_feed_all_parses_only_the_end_of_a_long_settled_stream() -> None:
+    body = b"".join(_lengthened(OPENAI_INCLUDE_USAGE, 500))
+    cut_pieces = [body[start : start + 901] for start in range(0, len(body), 901)]  # reads cut events in two
+    record, tap = _fold(cut_pieces, [float(n) for n in range(len(cut_pieces))], whole=True)
+    record_matches(record, OPENAI_INCLUDE_USAGE)
+    assert tap.folder.parsed_events < 40, tap.folder.parsed_events
 
 
 def test_tap_passthrough_returns_each_read_as_is() -> None:
