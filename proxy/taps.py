@@ -14,7 +14,7 @@ from .sse import SSEDecoder, SSEEvent
 
 MAX_PARSED_BODY = 16 * 1024 * 1024
 MAX_HELD_BYTES = 1024 * 1024
-TAIL_BYTES = 4096  # what feed_all always parses of a settled stream: the finish, usage and [DONE] events
+TAIL_BYTES = 2048  # what feed_all always parses of a settled stream: the finish, usage and [DONE] events
 
 
 class Decompressor(Protocol):
@@ -200,7 +200,7 @@ class StreamTap:
             cut = rest.rfind(b"\n\n", 0, len(rest) - TAIL_BYTES) + 2
             if cut >= 2 and self._sse.at_boundary:
                 head = rest[:cut]
-                if b"\r" not in head and not chunk_may_matter(head):
+                if self.folder.skippable(head):
                     self._sse.skip(head)
                     rest = rest[cut:]
         self.feed(rest, times[-1])

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.completions import CompletionRecord, StreamFolder, parse_completion_body
@@ -252,3 +252,77 @@ def test_stream_tap_passes_bytes_on(events: list[bytes], usage: bool, cuts: list
     if usage and record.provider is None and not any(e.startswith(b"[DONE]") for e in events):
         assert b'"usage":{"prompt_tokens":1' not in out
         assert record.prompt_tokens == 1
+
+
+# ---- a whole captured stream folded at once (the writer's feed_all) ----------------------------------
+
+_CHUNK_BASE = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+_CONTENT = st.text(max_size=6) | st.sampled_from(['"', "\\", '\\"', "\n", '"},"finish_reason":"stop"', "\r"])
+# the deltas' shape, but bare quotes in the "content" make it a finish and usage
+_DISGUISED = (
+    b'data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+    b'"delta":{"content":"a"},"finish_reason":"length"}],"usage":{"prompt_tokens":9},"x":[{"delta":{"content":'
+    b'"b"},"finish_reason":null}]}\n\n'
+)
+_ODD_BLOCKS = st.sampled_from(
+    [
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+        b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"b"},"finish_reason":null}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6}}\n\n',
+        b'data: {"error":{"message":"overloaded"}}\n\n',
+        b"data: [DONE]\n\n",
+        b": keep-alive\n\n",
+        b'data: {"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n',
+        b'data: {"id":"chatcmpl-x","choices":[{"index":0,"delta":{"content":"y"}, "finish_reason": "length"}]}\n\n',
+        b"\n",
+        b"data: {not json\n\n",
+        _DISGUISED,
+    ]
+)
+
+
+def _delta_block(content: str, spaced: bool) -> bytes:
+    chunk = {**_CHUNK_BASE, "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+    data = orjson.dumps(chunk)
+    return b"data: " + (data.replace(b",", b", ") if spaced else data) + b"\n\n"
+
+
+@FUZZ
+@given(
+    contents=st.lists(_CONTENT, min_size=1, max_size=20),
+    copies=st.integers(min_value=0, max_value=120),
+    odd=st.lists(st.tuples(st.integers(min_value=0, max_value=200), _ODD_BLOCKS), max_size=3),
+    spaced=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=60_000), min_size=1, max_size=12),
+)
+@example(contents=["x"], copies=60, odd=[(20, _DISGUISED)], spaced=False, cuts=[300])
+def test_feed_all_equals_read_by_read(
+    contents: list[str], copies: int, odd: list[tuple[int, bytes]], spaced: bool, cuts: list[int]
+) -> None:
+    """feed_all skips the middle of a settled stream when it can prove that part changes nothing: for
+    long streams of same-shape deltas with hostile content and stray events anywhere, the record must
+    be the one a read-by-read fold gives."""
+    first = {**_CHUNK_BASE, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"},
+                                         "finish_reason": None}]}  # fmt: skip
+    blocks = [b"data: " + orjson.dumps(first) + b"\n\n"]
+    blocks += [_delta_block(contents[n % len(contents)], spaced) for n in range(copies)]
+    for at, block in odd:
+        blocks.insert(min(at, len(blocks)), block)
+    blocks.append(_delta_block("", spaced)[:-2].replace(b'"finish_reason":null', b'"finish_reason":"stop"') + b"\n\n")
+    blocks.append(b"data: [DONE]\n\n")
+    body = b"".join(blocks)
+    points = sorted({c % (len(body) + 1) for c in cuts})
+    reads = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    times = [float(n) for n in range(1, len(reads) + 1)]
+    whole, each = new_record(), new_record()
+    whole_tap = StreamTap(whole, None, strip_usage_chunk=False)
+    each_tap = StreamTap(each, None, strip_usage_chunk=False)
+    whole_tap.feed_all(reads, times)
+    for read, at in zip(reads, times, strict=True):
+        each_tap.feed(read, at)
+    whole_tap.close(99.0)
+    each_tap.close(99.0)
+    assert record_to_row(whole) == record_to_row(each)
+    assert whole_tap.folder.failed == each_tap.folder.failed
+    assert whole_tap.first_event_at == each_tap.first_event_at
+    assert whole_tap.first_content_at == each_tap.first_content_at
