@@ -179,18 +179,25 @@ class StreamTap:
     def feed_all(self, chunks: list[bytes], times: list[float]) -> None:
         """Fold a whole captured stream (the writer's case: every read is already here).
 
-        Reads are fed one by one until the folder is settled; then only the last TAIL_BYTES are parsed,
-        when one byte search over the rest says it carries no finish reason, usage, error or [DONE].
-        Per-read times matter only until then (first event, first content).
+        Reads are fed one by one (a big one a few events at a time) until the folder is settled. Of the
+        rest, only the last TAIL_BYTES are parsed when StreamFolder.skippable proves that the part before
+        them changes nothing. Per-read times matter only until settled (first event, first content).
         """
-        count = len(chunks)
-        index = 0
-        while index < count and not self.folder.settled:
-            self.feed(chunks[index], times[index])
-            index += 1
-        if index == count:
+        pending: list[bytes] = []
+        for index, (chunk, at) in enumerate(zip(chunks, times, strict=True)):
+            while not self.folder.settled and len(chunk) > 2 * TAIL_BYTES:  # a big read: a few events at a time
+                split = chunk.find(b"\n\n", TAIL_BYTES) + 2
+                if split < 2:
+                    break
+                self.feed(chunk[:split], at)
+                chunk = chunk[split:]
+            if self.folder.settled:
+                pending = [chunk, *chunks[index + 1 :]]
+                break
+            self.feed(chunk, at)
+        if not pending:
             return
-        rest = chunks[index] if index == count - 1 else b"".join(chunks[index:])
+        rest = pending[0] if len(pending) == 1 else b"".join(pending)
         if self._decoder is None and self._readable and not self._strip and len(rest) > TAIL_BYTES:
             if not self._sse.at_boundary:  # finish the event a read cut in two
                 end = rest.find(b"\n\n") + 2
