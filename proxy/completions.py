@@ -310,6 +310,11 @@ def chunk_may_matter(data: bytes) -> bool:
     return bool(usage) and usage != data.count(b'"usage":null') + data.count(b'"usage": null')
 
 
+def may_hold_usage_only_chunk(data: bytes) -> bool:
+    """False only for stream bytes with no empty JSON array, so certainly no `"choices":[]` chunk."""
+    return b"[]" in data or b"[ " in data or b"[\t" in data or b"[\n" in data
+
+
 def _content_template(payload: bytes) -> tuple[bytes, bytes] | None:
     """(the bytes before a chunk's content string's value, the bytes after it), for a chunk with no
     backslash, newline or CR (so the first quote after the opening one closes the string)."""

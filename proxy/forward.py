@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -63,6 +64,7 @@ STEERING_HEADERS = frozenset(
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 UPSTREAM_ID_HEADERS = ("x-generation-id", "x-request-id", "request-id", "apim-request-id")
 DISCONNECTED = ("client_disconnected", "client disconnected")
+EPOCH = datetime.fromtimestamp(0, UTC)
 
 Submit = Callable[[CompletionRecord | Exchange], None]
 
@@ -132,7 +134,7 @@ def read_failure(exc: BaseException) -> tuple[str, str]:
 
 
 async def _salvage(
-    response: web.StreamResponse, stream_tap: StreamTap | _Copy | None, failure: tuple[str, str]
+    response: web.StreamResponse, stream_tap: StreamTap | _Copy | _StrippedCopy | None, failure: tuple[str, str]
 ) -> tuple[str, str]:
     """The upstream failed mid-stream: fold what was seen and pass on bytes the tap still held back."""
     if stream_tap is not None:
@@ -190,12 +192,29 @@ class _Copy:
         return b""
 
 
+@dataclass(slots=True)
+class _StrippedCopy:
+    """A raw copy for the writer, while the client's bytes go through a strip-only StreamTap that cuts
+    the usage chunk the proxy asked for. The tap folds only until it knows the stream's shape; the
+    writer folds the whole stream, usage chunk included, from the copy."""
+
+    copy: _Copy
+    strip: StreamTap
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        self.copy.feed(chunk, now)
+        return self.strip.feed(chunk, now)
+
+    def close(self, now: float, complete: bool = True) -> bytes:
+        return self.strip.close(now, complete)
+
+
 class Forwarder:
     """Holds what every request needs, resolved once: upstream base, timeouts, session, recorder.
 
-    A chat call is captured raw (an Exchange) and parsed by the writer. Only what must be decided on
-    the request path builds its record here: calls that never got a response, calls with logging of
-    all paths, and streams whose injected usage chunk has to be cut out of the client's copy.
+    A chat call is captured raw (an Exchange) and parsed by the writer. Only calls that never got a
+    response and calls with logging of all paths build their record here. A stream whose injected usage
+    chunk is cut out of the client's bytes is captured raw too: the request path only finds that chunk.
     """
 
     def __init__(self, config: Config, submit: Submit) -> None:
@@ -300,7 +319,7 @@ class Forwarder:
             if call is None:
                 return await self._relay_unlogged(request, upstream)
             event_stream = upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
-            if call.chat and not self._must_strip(call, upstream, event_stream):
+            if call.chat:
                 return await self._relay_captured(request, upstream, call, event_stream)
             return await self._relay_recorded(request, upstream, call, event_stream)
         finally:
@@ -332,9 +351,23 @@ class Forwarder:
         return json_error(status, message, "proxy_error", code, request_id)
 
     @staticmethod
-    def _must_strip(call: _Call, upstream: aiohttp.ClientResponse, event_stream: bool) -> bool:
-        """The proxy added include_usage, so the usage chunk must be cut out on the request path."""
-        return event_stream and upstream.status < 300 and call.facts is not None and call.facts.usage_injected
+    def _client_tap(
+        call: _Call, upstream: aiohttp.ClientResponse, event_stream: bool, copy: _Copy
+    ) -> _Copy | _StrippedCopy:
+        """The raw copy, and when the proxy added include_usage to a stream, the tap that cuts the
+        usage chunk out of the client's bytes."""
+        facts = call.facts
+        if not (event_stream and upstream.status < 300 and facts is not None and facts.usage_injected):
+            return copy
+        scratch = CompletionRecord(call.request_id, EPOCH, call.method, call.path, "")  # never stored
+        strip = StreamTap(
+            scratch,
+            upstream.headers.get("Content-Encoding"),
+            strip_usage_chunk=True,
+            expected_choices=facts.choices,
+            strip_only=True,
+        )
+        return _StrippedCopy(copy, strip) if strip.stripping else copy
 
     async def _relay_unlogged(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         headers = forwardable_response_headers(upstream.headers)
@@ -355,9 +388,12 @@ class Forwarder:
         headers = forwardable_response_headers(upstream.headers)
         headers[REQUEST_ID_HEADER] = call.request_id
         copy = _Copy(times=[] if event_stream and upstream.status < 300 else None)
+        tap = self._client_tap(call, upstream, event_stream, copy)
+        if tap is not copy:
+            headers.popall("Content-Length", None)  # the client gets fewer bytes than the upstream sent
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
-            failure = await self._pump(request, upstream, response, copy, None)
+            failure = await self._pump(request, upstream, response, tap, None)
         except asyncio.CancelledError:  # the client went away while we waited on the upstream
             upstream.close()
             self._capture(call, upstream, event_stream, headers_at, copy, DISCONNECTED)
@@ -405,40 +441,27 @@ class Forwarder:
     async def _relay_recorded(
         self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call, is_sse: bool
     ) -> web.StreamResponse:
-        headers_at = time.perf_counter()
+        """A call on another path (`all_paths` logging): its record is built here; an error body
+        gives the record its summary."""
         record = self._record(call)
         headers = forwardable_response_headers(upstream.headers)
-        encoding = upstream.headers.get("Content-Encoding")
-        body_tap: BodyTap | None = None
-        stream_tap: StreamTap | None = None
         record.status_code = upstream.status
         record.stream = record.stream or is_sse
         record.upstream_request_id = _upstream_request_id(upstream)
-        facts = call.facts
-        if is_sse and call.chat and upstream.status < 300:
-            stream_tap = StreamTap(
-                record,
-                encoding,
-                strip_usage_chunk=facts is not None and facts.usage_injected,
-                expected_choices=facts.choices if facts is not None else 1,
-            )
-            if stream_tap.stripping:
-                headers.popall("Content-Length", None)
-        else:
-            record.ttft_ms = round((headers_at - call.started) * 1000, 3)
-            body_tap = BodyTap(encoding)
+        record.ttft_ms = round((time.perf_counter() - call.started) * 1000, 3)
+        body_tap = BodyTap(upstream.headers.get("Content-Encoding"))
         headers[REQUEST_ID_HEADER] = record.request_id
 
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
-            failure = await self._pump(request, upstream, response, stream_tap, body_tap)
+            failure = await self._pump(request, upstream, response, None, body_tap)
         except asyncio.CancelledError:  # the client went away while we waited on the upstream
             upstream.close()
-            classify_guarded(record, DISCONNECTED, stream_tap, body_tap, call.chat, call.started)
+            classify_guarded(record, DISCONNECTED, None, body_tap, call.chat, call.started)
             self._finish(call, record)
             raise
         self._after_failure(request, upstream, failure)
-        classify_guarded(record, failure, stream_tap, body_tap, call.chat, call.started)
+        classify_guarded(record, failure, None, body_tap, call.chat, call.started)
         self._finish(call, record)
         return response
 
@@ -456,7 +479,7 @@ class Forwarder:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         response: web.StreamResponse,
-        stream_tap: StreamTap | _Copy | None,
+        stream_tap: StreamTap | _Copy | _StrippedCopy | None,
         body_tap: BodyTap | None,
     ) -> tuple[str, str] | None:
         """Copy the body to the client read by read; returns (outcome, reason) if either side failed.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from typing import Protocol
 
-from .completions import CompletionRecord, StreamFolder, chunk_may_matter
+from .completions import CompletionRecord, StreamFolder, chunk_may_matter, may_hold_usage_only_chunk
 from .sse import SSEDecoder, SSEEvent
 
 MAX_PARSED_BODY = 16 * 1024 * 1024
@@ -103,6 +103,7 @@ class StreamTap:
         "_decoder",
         "_held",
         "_held_start",
+        "_may_matter",
         "_readable",
         "_sse",
         "_strip",
@@ -113,9 +114,17 @@ class StreamTap:
     )
 
     def __init__(
-        self, record: CompletionRecord, encoding: str | None, strip_usage_chunk: bool, expected_choices: int = 1
+        self,
+        record: CompletionRecord,
+        encoding: str | None,
+        strip_usage_chunk: bool,
+        expected_choices: int = 1,
+        strip_only: bool = False,
     ) -> None:
         self.folder = StreamFolder(record, expected_choices)
+        # strip_only: the record is folded elsewhere (the writer, from a raw copy); once settled, only a
+        # read that could hold the usage-only chunk needs decoding
+        self._may_matter = may_hold_usage_only_chunk if strip_only else chunk_may_matter
         self._sse = SSEDecoder()
         self._readable = True
         try:
@@ -143,7 +152,7 @@ class StreamTap:
             and chunk.endswith(b"\n\n")
             and self._sse.at_boundary
             and b"\r" not in chunk
-            and not chunk_may_matter(chunk)
+            and not self._may_matter(chunk)
         ):  # whole blocks of plain content deltas: nothing to learn, nothing to hold back
             self._sse.skip(chunk)
             if self._strip:

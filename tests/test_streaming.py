@@ -209,6 +209,30 @@ def test_feed_all_folds_a_captured_stream_as_read_by_read_feeding_does(case: Str
                 record_matches(whole, case)
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_strip_only_tap_cuts_the_same_bytes_as_the_folding_tap(case: StreamCase) -> None:
+    """A stream whose usage chunk the proxy cuts is folded by the writer from a raw copy; the tap on the
+    request path (strip_only) decodes only reads that could hold that chunk, and must hand the client
+    exactly what the full tap does, for long and short streams, in whole events and cut anywhere."""
+    rng = random.Random(case.name)
+    for copies in (0, 60):
+        blocks = _lengthened(case, copies)
+        body = b"".join(blocks)
+        splits = [[b"".join(blocks[i : i + n]) for i in range(0, len(blocks), n)] for n in (1, 2, 3)]
+        for _ in range(10):
+            cuts = sorted(rng.sample(range(1, len(body)), rng.randint(1, 40)))
+            splits.append([body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)])
+        for pieces in splits:
+            outputs = []
+            for strip_only in (False, True):
+                tap = StreamTap(new_record(), None, strip_usage_chunk=True, strip_only=strip_only)
+                out = b"".join(tap.feed(piece, float(n)) for n, piece in enumerate(pieces, 1))
+                outputs.append((out + tap.close(99.0), tap.stripped))
+            assert outputs[1] == outputs[0]
+            if copies == 0:
+                assert outputs[1][0] == case.proxied_body
+
+
 def test_feed_all_parses_only_the_end_of_a_long_settled_stream() -> None:
     body = b"".join(_lengthened(OPENAI_INCLUDE_USAGE, 500))
     cut_pieces = [body[start : start + 901] for start in range(0, len(body), 901)]  # reads cut events in two
