@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10,
         help="unpaced streams: SSE events per upstream write (default 10; 1 = one write per event)",
     )
+    parser.add_argument(
+        "--stream-request",
+        choices=("include-usage", "sdk-default"),
+        default="include-usage",
+        help="streaming requests ask for usage themselves (default), or send the OpenAI SDK's default body, "
+        "so chatledger adds include_usage and cuts the usage chunk out of the client's stream",
+    )
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="run the memory soak instead")
     parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
@@ -72,7 +79,9 @@ def use_wrk(args: argparse.Namespace) -> bool:
     return args.loadgen != "python" and wrk_binary() is not None
 
 
-def python_load(url: str, connections: int, duration: float, stream: bool, gap_us: int = 0) -> dict[str, Any]:
+def python_load(
+    url: str, connections: int, duration: float, stream: bool, gap_us: int = 0, include_usage: bool = True
+) -> dict[str, Any]:
     command = python_module(
         "bench.loadgen",
         "--url",
@@ -86,6 +95,8 @@ def python_load(url: str, connections: int, duration: float, stream: bool, gap_u
     )
     if stream:
         command.append("--stream")
+    if not include_usage:
+        command.append("--no-include-usage")
     out = subprocess.run(
         command, capture_output=True, text=True, cwd=REPO, timeout=duration + 120, check=False
     )
@@ -105,7 +116,10 @@ class Bench:
         self.args = args
         self.work = work
         self.wrk = use_wrk(args)
-        self.scripts = {m: write_script(work, m, request_body(m == "stream")) for m in ("json", "stream")}
+        self.include_usage = args.stream_request == "include-usage"
+        self.scripts = {
+            m: write_script(work, m, request_body(m == "stream", self.include_usage)) for m in ("json", "stream")
+        }
 
     # ---- services -----------------------------------------------------------------------------
 
@@ -160,11 +174,15 @@ class Bench:
         cpu0, (busy0, total0) = cpu_seconds(pid), machine_busy()
         own0 = sum(cpu_seconds(p) for p in self.own_pids) + _self_and_waited_children()
         if mode == "stream" and connections == 1:
-            result = python_load(url, 1, duration, stream=True, gap_us=self.args.gap_us)
+            result = python_load(
+                url, 1, duration, stream=True, gap_us=self.args.gap_us, include_usage=self.include_usage
+            )
         elif self.wrk:
             result = run_wrk(url, self.scripts[mode], connections, duration)
         else:
-            result = python_load(url, connections, duration, stream=mode == "stream")
+            result = python_load(
+                url, connections, duration, stream=mode == "stream", include_usage=self.include_usage
+            )
         cpu = cpu_seconds(pid) - cpu0
         busy1, total1 = machine_busy()
         own = sum(cpu_seconds(p) for p in self.own_pids) + _self_and_waited_children() - own0

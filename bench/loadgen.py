@@ -63,7 +63,8 @@ async def _stream(response: aiohttp.ClientResponse, stats: Stats, stamped: bool)
                 if at >= 0:
                     stats.event_latencies.append((now - int(event[at + 5 : at + 24])) / 1e6)
     stats.events += events
-    return done and events == STREAM_EVENTS
+    # chatledger cuts the usage chunk out when it asked for it (requests sent with --no-include-usage)
+    return done and events in (STREAM_EVENTS, STREAM_EVENTS - 1)
 
 
 async def _worker(
@@ -97,7 +98,7 @@ async def _worker(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    body = request_body(args.stream)
+    body = request_body(args.stream, include_usage=not args.no_include_usage)
     headers = {"Content-Type": "application/json", "Authorization": AUTH}
     if args.gap_us > 0:
         headers["X-Bench-Gap-Us"] = str(args.gap_us)
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         "--stream", action="store_true", help="send stream:true requests and count SSE events"
     )
     parser.add_argument("--gap-us", type=int, default=0, help="ask the upstream to pace events (stamped)")
+    parser.add_argument(
+        "--no-include-usage", action="store_true", help="stream requests without stream_options (SDK default)"
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop  # type: ignore[import-not-found]

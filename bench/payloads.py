@@ -75,12 +75,14 @@ _MESSAGES = [
 ]
 
 
-def request_body(stream: bool) -> bytes:
-    """A typical SDK request; streaming requests ask for usage, as the OpenAI SDK does when told to."""
+def request_body(stream: bool, include_usage: bool = True) -> bytes:
+    """A typical SDK request. A streaming one asks for usage, as the OpenAI SDK does when told to; with
+    include_usage=False it is the SDK's default, and chatledger adds the option and cuts the usage chunk."""
     body: dict[str, Any] = {"model": "gpt-4o", "messages": _MESSAGES, "temperature": 0.7, "max_tokens": 400}
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
     return orjson.dumps(body)
 
 
