@@ -310,9 +310,14 @@ def chunk_may_matter(data: bytes) -> bool:
     return bool(usage) and usage != data.count(b'"usage":null') + data.count(b'"usage": null')
 
 
-def may_hold_usage_only_chunk(data: bytes) -> bool:
-    """False only for stream bytes with no empty JSON array, so certainly no `"choices":[]` chunk."""
-    return b"[]" in data or b"[ " in data or b"[\t" in data or b"[\n" in data
+_EMPTY_ARRAY_OPENINGS = (b"[]", b"[ ", b"[\t", b"[\n")
+
+
+def first_empty_array(data: bytes) -> int:
+    """Where the first possible empty JSON array starts, or -1: bytes before it hold no `"choices":[]`
+    chunk (the usage-only chunk), whatever else they hold."""
+    found = [at for at in map(data.find, _EMPTY_ARRAY_OPENINGS) if at >= 0]
+    return min(found) if found else -1
 
 
 def _content_template(payload: bytes) -> tuple[bytes, bytes] | None:

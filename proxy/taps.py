@@ -9,11 +9,12 @@ from __future__ import annotations
 import zlib
 from typing import Protocol
 
-from .completions import CompletionRecord, StreamFolder, chunk_may_matter, may_hold_usage_only_chunk
+from .completions import CompletionRecord, StreamFolder, chunk_may_matter, first_empty_array
 from .sse import SSEDecoder, SSEEvent
 
 MAX_PARSED_BODY = 16 * 1024 * 1024
 MAX_HELD_BYTES = 1024 * 1024
+SETTLE_BYTES = 2048  # a read longer than twice this is fed in two parts: the first may settle the fold
 TAIL_BYTES = 2048  # what feed_all always parses of a settled stream: the finish, usage and [DONE] events
 
 
@@ -103,10 +104,10 @@ class StreamTap:
         "_decoder",
         "_held",
         "_held_start",
-        "_may_matter",
         "_readable",
         "_sse",
         "_strip",
+        "_strip_only",
         "first_content_at",
         "first_event_at",
         "folder",
@@ -122,9 +123,9 @@ class StreamTap:
         strip_only: bool = False,
     ) -> None:
         self.folder = StreamFolder(record, expected_choices)
-        # strip_only: the record is folded elsewhere (the writer, from a raw copy); once settled, only a
-        # read that could hold the usage-only chunk needs decoding
-        self._may_matter = may_hold_usage_only_chunk if strip_only else chunk_may_matter
+        # strip_only: the record is folded elsewhere (the writer, from a raw copy); once settled, only the
+        # blocks that could hold the usage-only chunk need decoding
+        self._strip_only = strip_only
         self._sse = SSEDecoder()
         self._readable = True
         try:
@@ -146,18 +147,39 @@ class StreamTap:
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Take one upstream read; returns the bytes to send the client now."""
-        if (
-            self.folder.settled
-            and self._decoder is None
-            and chunk.endswith(b"\n\n")
-            and self._sse.at_boundary
-            and b"\r" not in chunk
-            and not self._may_matter(chunk)
-        ):  # whole blocks of plain content deltas: nothing to learn, nothing to hold back
-            self._sse.skip(chunk)
-            if self._strip:
-                self._held_start = self._sse.offset
-            return chunk
+        if not self.folder.settled and len(chunk) > 2 * SETTLE_BYTES:
+            split = chunk.find(b"\n\n", SETTLE_BYTES) + 2
+            if 2 <= split < len(chunk):  # a big read: its first events may settle the fold, sparing the rest
+                return self._feed_read(chunk[:split], now) + self._feed_read(chunk[split:], now)
+        return self._feed_read(chunk, now)
+
+    def _feed_read(self, chunk: bytes, now: float) -> bytes:
+        if self.folder.settled and self._decoder is None and self._sse.at_boundary and b"\r" not in chunk:
+            quiet = self._quiet_blocks(chunk)
+            if quiet == len(chunk):  # whole blocks with nothing to learn and nothing to cut: undecoded
+                self._skip(chunk)
+                return chunk
+            if quiet:
+                head = chunk[:quiet]
+                self._skip(head)
+                return head + self._decode(chunk[quiet:], now)
+        return self._decode(chunk, now)
+
+    def _quiet_blocks(self, chunk: bytes) -> int:
+        """How many leading bytes of a read (at a block boundary, LF only) are whole blocks that change
+        nothing: for a strip-only tap, the blocks before the first possible usage-only chunk."""
+        if self._strip_only:
+            limit = first_empty_array(chunk)
+            end = chunk.rfind(b"\n\n", 0, len(chunk) if limit < 0 else limit)
+            return end + 2 if end >= 0 else 0
+        return len(chunk) if chunk.endswith(b"\n\n") and not chunk_may_matter(chunk) else 0
+
+    def _skip(self, blocks: bytes) -> None:
+        self._sse.skip(blocks)
+        if self._strip:
+            self._held_start = self._sse.offset
+
+    def _decode(self, chunk: bytes, now: float) -> bytes:
         drops: list[SSEEvent] = []
         if self._readable:
             data = chunk

@@ -7,7 +7,8 @@ whatever the parser produces can be written to the spool.
   types and ranges (the database would refuse anything else).
 - inspect_request: any body; when usage is injected, the body is the client's JSON plus
   stream_options.include_usage and nothing else.
-- StreamTap: without stripping the client gets exactly the upstream bytes; with it, a subsequence.
+- StreamTap: without stripping the client gets exactly the upstream bytes; with it, a subsequence, the
+  same whether the tap folds the record or only cuts the usage chunk (strip_only).
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ def test_stream_tap_passes_bytes_on(events: list[bytes], usage: bool, cuts: list
     tap = StreamTap(record, None, strip_usage_chunk=strip)
     out = b"".join(tap.feed(chunk, 0.0) for chunk in chunks) + tap.close(1.0)
     assert_storable(record)
+    strip_only = StreamTap(new_record(), None, strip_usage_chunk=strip, strip_only=True)
+    assert b"".join(strip_only.feed(chunk, 0.0) for chunk in chunks) + strip_only.close(1.0) == out
     if not strip:
         assert out == body
         return
