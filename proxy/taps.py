@@ -147,11 +147,18 @@ class StreamTap:
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Take one upstream read; returns the bytes to send the client now."""
-        if not self.folder.settled and len(chunk) > 2 * SETTLE_BYTES:
-            split = chunk.find(b"\n\n", SETTLE_BYTES) + 2
-            if 2 <= split < len(chunk):  # a big read: its first events may settle the fold, sparing the rest
-                return self._feed_read(chunk[:split], now) + self._feed_read(chunk[split:], now)
+        split = self._settling_split(chunk)
+        if split:
+            return self._feed_read(chunk[:split], now) + self._feed_read(chunk[split:], now)
         return self._feed_read(chunk, now)
+
+    def _settling_split(self, chunk: bytes) -> int:
+        """Where to cut a big read while the fold is not settled (0: don't): its first events may settle
+        it, and the rest can then pass undecoded."""
+        if self.folder.settled or len(chunk) <= 2 * SETTLE_BYTES:
+            return 0
+        split = chunk.find(b"\n\n", SETTLE_BYTES) + 2
+        return split if 2 <= split < len(chunk) else 0
 
     def _feed_read(self, chunk: bytes, now: float) -> bytes:
         if self.folder.settled and self._decoder is None and self._sse.at_boundary and b"\r" not in chunk:
@@ -210,17 +217,15 @@ class StreamTap:
     def feed_all(self, chunks: list[bytes], times: list[float]) -> None:
         """Fold a whole captured stream (the writer's case: every read is already here).
 
-        Reads are fed one by one (a big one a few events at a time) until the folder is settled. Of the
-        rest, only the last TAIL_BYTES are parsed when StreamFolder.skippable proves that the part before
-        them changes nothing. Per-read times matter only until settled (first event, first content).
+        Reads are fed one by one (a big one in two parts) until the folder is settled. Of the rest, only
+        the last TAIL_BYTES are parsed when StreamFolder.skippable proves that the part before them
+        changes nothing. Per-read times matter only until settled (first event, first content).
         """
         pending: list[bytes] = []
         for index, (chunk, at) in enumerate(zip(chunks, times, strict=True)):
-            while not self.folder.settled and len(chunk) > 2 * TAIL_BYTES:  # a big read: a few events at a time
-                split = chunk.find(b"\n\n", TAIL_BYTES) + 2
-                if split < 2:
-                    break
-                self.feed(chunk[:split], at)
+            split = self._settling_split(chunk)
+            if split:
+                self._feed_read(chunk[:split], at)
                 chunk = chunk[split:]
             if self.folder.settled:
                 pending = [chunk, *chunks[index + 1 :]]
