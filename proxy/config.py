@@ -50,6 +50,7 @@ class DatabaseConfig:
     write_timeout: float = 5.0
     flush_interval: float = 0.05
     writer: str = "process"
+    writer_backlog_mb: int = 128
 
 
 WRITER_MODES = ("process", "inline")
@@ -271,6 +272,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             f"database.flush_interval: expected 0 to 1 seconds, got {config.database.flush_interval}"
         )
+    if config.database.writer_backlog_mb < 1:
+        raise ConfigError("database.writer_backlog_mb: expected at least 1")
     if config.database.queue_max < 1:
         raise ConfigError("database.queue_max: expected at least 1")
     if config.database.batch_max < 1:

@@ -15,6 +15,7 @@ died: they are counted in rows_lost and logged, and a new child is started.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -37,7 +38,6 @@ HEADER = struct.Struct(">I")
 SEND_INTERVAL = 0.02  # how long a record may wait in the outbox: batching frames saves syscalls
 STATS_INTERVAL = 0.25
 START_TIMEOUT = 60.0
-BEHIND_BYTES = 32 * 1024 * 1024  # unread frames past which the serving process parses exchanges itself
 STAT_NAMES = (
     "rows_written",
     "rows_spooled",
@@ -67,12 +67,61 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(payload)
 
 
+class FrameReader(asyncio.Protocol):
+    """The child's stdin: frames unpickled straight from the bytes received. asyncio's StreamReader
+    copies each frame once more and wakes its reader for every pipe read of a large frame."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._frames: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        with memoryview(buffer) as view:
+            while len(buffer) - start >= HEADER.size:
+                (size,) = HEADER.unpack_from(view, start)
+                end = start + HEADER.size + size
+                if end > len(buffer):
+                    break
+                self._frames.append(pickle.loads(view[start + HEADER.size : end]))
+                start = end
+        if start:
+            del buffer[:start]
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof_received()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> Any:
+        """The next message, or None at end of stream."""
+        while not self._frames:
+            if self._eof:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._frames.popleft()
+
+
 class RecorderLink:
     """The serving process's side: the Recorder's interface, backed by the writer process."""
 
     def __init__(self, config: Config, metrics: LedgerMetrics) -> None:
         self._config = config
         self._metrics = metrics
+        self._backlog_bytes = config.database.writer_backlog_mb * 1024 * 1024
         self.spool = Spool(default_spool_dir(config.database))  # read-only here: health lists its files
         self._outbox: list[CompletionRecord | Exchange] = []
         self._send_handle: asyncio.TimerHandle | None = None
@@ -94,7 +143,8 @@ class RecorderLink:
     def submit(self, item: CompletionRecord | Exchange) -> None:
         """Never blocks: the record goes out with the next frame.
 
-        While the child has more than BEHIND_BYTES of frames unread (a CPU too busy to give it its share),
+        While the child has more than database.writer_backlog_mb of frames unread (a burst, or a CPU too
+        busy to give it its share),
         exchanges are parsed here before they go: the serving process then pays for parsing, as the
         in-process writer does, which slows it to a pace the writer can follow instead of letting raw
         copies pile up in memory without bound.
@@ -118,18 +168,18 @@ class RecorderLink:
         raise AttributeError(name)
 
     def _behind(self) -> bool:
-        """True while more than BEHIND_BYTES of frames wait for the child to read them."""
+        """True while more than the configured backlog of frames waits for the child to read it."""
         process = self._process
         waiting = 0
         if process is not None and process.stdin is not None:
             waiting = process.stdin.transport.get_write_buffer_size()
-        behind = waiting > BEHIND_BYTES
+        behind = waiting > self._backlog_bytes
         if behind != self._was_behind:
             self._was_behind = behind
             if behind:
                 log.warning(
                     "writer process is over %d MiB behind; parsing in the serving process until it catches up",
-                    BEHIND_BYTES // (1024 * 1024),
+                    self._config.database.writer_backlog_mb,
                 )
             else:
                 log.info("writer process caught up")
@@ -271,12 +321,12 @@ class RecorderLink:
 # ---- the child ------------------------------------------------------------------------------------
 
 
-async def _child(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     from .db import create_engine
     from .pricing import Pricer
     from .recorder import Recorder
 
-    start = await read_frame(reader)
+    start = await reader.next()
     if start is None:
         return
     config: Config = start[1]
@@ -322,7 +372,7 @@ async def _child(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     pending: set[asyncio.Task[None]] = set()
     try:
         while True:
-            message = await read_frame(reader)
+            message = await reader.next()
             if message is None or message[0] == "close":
                 break
             if message[0] == "items":
@@ -331,6 +381,7 @@ async def _child(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 for item in message[1]:
                     recorder.submit(materialize(Exchange._make(item)) if type(item) is tuple else item)
                 received += len(message[1])
+                await asyncio.sleep(0)  # frames queued here must not keep the recorder's writes waiting
             elif message[0] == "idle":
                 task = asyncio.create_task(answer_when_idle(message[1]))
                 pending.add(task)
@@ -347,8 +398,8 @@ async def _child(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def _child_main() -> None:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**31)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    reader = FrameReader()
+    await loop.connect_read_pipe(lambda: reader, sys.stdin.buffer)
     channel = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # a stray print() must not corrupt the frames
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, channel)

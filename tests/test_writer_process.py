@@ -17,7 +17,6 @@ import openai
 import orjson
 import pytest
 
-from proxy import writer_process
 from proxy.capture import redact_fingerprinted
 from proxy.completions import CompletionRecord
 from proxy.keys import FORWARDER
@@ -198,15 +197,14 @@ def test_redaction_by_fingerprint_finds_the_key_and_nothing_else() -> None:
 
 
 async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_copies(
-    upstream: FakeUpstream, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    upstream: FakeUpstream, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(writer_process, "BEHIND_BYTES", -1)  # always "behind": the serving process parses
     upstream.add(OPENAI_INCLUDE_USAGE.name, sse_reply(OPENAI_INCLUDE_USAGE.body))
     config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
     ledger = await start_ledger(config)
     try:
         link = ledger.recorder
+        link._backlog_bytes = -1  # type: ignore[union-attr]  # always "behind": the serving process parses
         sent: list[object] = []
         submit = link.submit
 
