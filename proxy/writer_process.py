@@ -24,6 +24,7 @@ import pickle
 import signal
 import struct
 import sys
+import time
 from typing import Any
 
 from .capture import Exchange, materialize
@@ -38,6 +39,7 @@ HEADER = struct.Struct(">I")
 SEND_INTERVAL = 0.02  # how long a record may wait in the outbox: batching frames saves syscalls
 STATS_INTERVAL = 0.25
 START_TIMEOUT = 60.0
+BEHIND_LOG_INTERVAL = 60.0
 STAT_NAMES = (
     "rows_written",
     "rows_spooled",
@@ -132,6 +134,8 @@ class RecorderLink:
         self._tokens = itertools.count()
         self._closing = False
         self._was_behind = False
+        self._behind_episodes = 0
+        self._behind_logged_at = -BEHIND_LOG_INTERVAL
         self._sent = 0  # records sent to the current child; it reports how many it received
         self._lost_here = 0
         self._stats: dict[str, Any] = {name: 0 for name in STAT_NAMES}
@@ -168,22 +172,29 @@ class RecorderLink:
         raise AttributeError(name)
 
     def _behind(self) -> bool:
-        """True while more than the configured backlog of frames waits for the child to read it."""
+        """True from when more than the configured backlog of frames waits for the child to read it
+        until less than half of it does (so a writer at its limit does not flip the mode every frame)."""
         process = self._process
         waiting = 0
         if process is not None and process.stdin is not None:
             waiting = process.stdin.transport.get_write_buffer_size()
-        behind = waiting > self._backlog_bytes
-        if behind != self._was_behind:
-            self._was_behind = behind
-            if behind:
+        if self._was_behind:
+            if waiting < self._backlog_bytes // 2:
+                self._was_behind = False
+        elif waiting > self._backlog_bytes:
+            self._was_behind = True
+            self._behind_episodes += 1
+            now = time.monotonic()
+            if now - self._behind_logged_at >= BEHIND_LOG_INTERVAL:  # at most one warning a minute
+                self._behind_logged_at = now
                 log.warning(
-                    "writer process is over %d MiB behind; parsing in the serving process until it catches up",
+                    "writer process over %d MiB behind; the serving process parses calls until the backlog "
+                    "halves (%d such episode(s) since the last warning)",
                     self._config.database.writer_backlog_mb,
+                    self._behind_episodes,
                 )
-            else:
-                log.info("writer process caught up")
-        return behind
+                self._behind_episodes = 0
+        return self._was_behind
 
     @property
     def in_flight(self) -> int:
