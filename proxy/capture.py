@@ -53,6 +53,7 @@ class Exchange(NamedTuple):
     finished: float
     overflow: bool  # the reads passed MAX_PARSED_BODY and were not all kept
     failure: tuple[str, str] | None  # (outcome, reason) when either side failed mid-response
+    gap_at: int = -1  # an overflowed event stream: chunks[gap_at:] are its last reads, after a gap
 
 
 def materialize(exchange: Exchange) -> CompletionRecord:
@@ -97,14 +98,19 @@ def _materialize(exchange: Exchange) -> CompletionRecord:
     record.upstream_request_id = exchange.upstream_request_id
     record.stream = record.stream or exchange.event_stream
     record.duration_ms = round((exchange.finished - exchange.started) * 1000, 3)
-    if exchange.overflow:  # the request path stopped keeping a copy: nothing whole to parse
+    if exchange.overflow and not _tail_kept(exchange):  # the request path stopped keeping a copy
         record.outcome, record.error = exchange.failure or ("unparsed", OVERFLOW)
         return record
     stream_tap: StreamTap | None = None
     body_tap: BodyTap | None = None
     if exchange.times is not None:
         stream_tap = StreamTap(record, exchange.encoding, strip_usage_chunk=False, expected_choices=facts.choices)
-        stream_tap.feed_all(exchange.chunks, exchange.times)
+        if exchange.gap_at < 0:
+            stream_tap.feed_all(exchange.chunks, exchange.times)
+        else:  # a stream over MAX_PARSED_BODY: its head, then its last reads
+            gap = exchange.gap_at
+            stream_tap.feed_all(exchange.chunks[:gap], exchange.times[:gap])
+            stream_tap.resume_after_gap(b"".join(exchange.chunks[gap:]), exchange.times[-1])
         if exchange.failure is None:
             stream_tap.close(exchange.finished)
         elif exchange.failure[0] != "client_disconnected":  # the upstream broke off: fold what came
@@ -118,6 +124,12 @@ def _materialize(exchange: Exchange) -> CompletionRecord:
     if record.error and exchange.api_key_hash:
         record.error = redact_fingerprinted(record.error, exchange.api_key_hash, exchange.key_length)
     return record
+
+
+def _tail_kept(exchange: Exchange) -> bool:
+    """An uncompressed event stream over MAX_PARSED_BODY keeps its head and last reads: still foldable."""
+    encoding = (exchange.encoding or "identity").strip().lower()
+    return exchange.gap_at >= 0 and exchange.times is not None and encoding in ("", "identity")
 
 
 def new_record(

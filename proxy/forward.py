@@ -8,6 +8,7 @@ is reachable: absolute-form targets, CONNECT and host-steering headers are refus
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Callable
@@ -33,6 +34,9 @@ from .request_facts import (
     redact_query,
 )
 from .taps import MAX_PARSED_BODY, BodyTap, StreamTap
+
+STREAM_HEAD_BYTES = 64 * 1024
+STREAM_TAIL_BYTES = 1024 * 1024
 
 REQUEST_ID_HEADER = "X-Ledger-Request-Id"
 HOP_BY_HOP = frozenset(
@@ -167,12 +171,18 @@ class _Call:
 @dataclass(slots=True)
 class _Copy:
     """The copy of a response's reads kept for the writer, bounded by MAX_PARSED_BODY. A tap like
-    StreamTap (feed/close), except that it never holds bytes back from the client."""
+    StreamTap (feed/close), except that it never holds bytes back from the client.
+
+    A body past the bound is dropped (nothing whole to parse). An event stream past it keeps its first
+    STREAM_HEAD_BYTES and a rolling last STREAM_TAIL_BYTES: identity, finish and usage are there."""
 
     times: list[float] | None
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
     overflow: bool = False
+    gap_at: int = -1  # an overflowed stream: chunks[gap_at:] (the tail) follows a gap
+    tail: collections.deque[tuple[bytes, float]] = field(default_factory=collections.deque)
+    tail_size: int = 0
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         if not self.overflow:
@@ -181,12 +191,33 @@ class _Copy:
                 self.chunks.append(chunk)
                 if self.times is not None:
                     self.times.append(now)
-            else:
-                self.overflow = True
+                return chunk
+            self.overflow = True
+            if self.times is None:
                 self.chunks.clear()
-                if self.times is not None:
-                    self.times.clear()
+                return chunk
+            self._keep_head()
+        if self.gap_at >= 0:
+            self.tail.append((chunk, now))
+            self.tail_size += len(chunk)
+            while self.tail_size > STREAM_TAIL_BYTES and len(self.tail) > 1:
+                self.tail_size -= len(self.tail.popleft()[0])
         return chunk
+
+    def _keep_head(self) -> None:
+        assert self.times is not None
+        kept = size = 0
+        while kept < len(self.chunks) and size < STREAM_HEAD_BYTES:
+            size += len(self.chunks[kept])
+            kept += 1
+        del self.chunks[kept:], self.times[kept:]
+        self.gap_at = kept
+
+    def reads(self) -> tuple[list[bytes], list[float] | None]:
+        """The reads kept, and their times: the tail of an overflowed stream after its head."""
+        if self.gap_at < 0 or self.times is None:
+            return self.chunks, self.times
+        return self.chunks + [c for c, _ in self.tail], self.times + [t for _, t in self.tail]
 
     def close(self, now: float, complete: bool = True) -> bytes:
         return b""
@@ -430,11 +461,11 @@ class Forwarder:
                 upstream.headers.get("Content-Encoding"),
                 event_stream,
                 headers_at,
-                copy.chunks,
-                copy.times,
+                *copy.reads(),
                 time.perf_counter(),
                 copy.overflow,
                 failure,
+                copy.gap_at,
             )
         )
 

@@ -99,6 +99,18 @@ class SSEDecoder:
             and not self._first_line
         )
 
+    def restart(self) -> None:
+        """Drop a partial line and event: the next byte fed starts a new block (after a gap in the
+        bytes fed; not the stream's start, so no byte-order mark is looked for)."""
+        self._partial.clear()
+        self._partial_bytes = 0
+        self._data = []
+        self._data_bytes = 0
+        self._event = b""
+        self._discard_line = self._skip_lf = self._oversized = self._first_line = False
+        self._cr_event = None
+        self._block_start = self._offset
+
     def skip(self, chunk: bytes) -> None:
         """Account for a read of whole blocks the caller chose not to decode.
 

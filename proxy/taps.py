@@ -233,12 +233,24 @@ class StreamTap:
             self.feed(chunk, at)
         if not pending:
             return
-        rest = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._fold_settled(pending[0] if len(pending) == 1 else b"".join(pending), times[-1])
+
+    def resume_after_gap(self, data: bytes, now: float) -> None:
+        """Fold the last reads of a stream whose middle was not kept (over MAX_PARSED_BODY): decoding
+        starts over at the first block boundary, and what the middle held is not known."""
+        start = data.find(b"\n\n") + 2
+        if start < 2 or self._decoder is not None:
+            return
+        self._sse.restart()
+        self._fold_settled(data[start:], now)
+
+    def _fold_settled(self, rest: bytes, now: float) -> None:
+        """Fold the rest of a stream in one piece: only its last TAIL_BYTES when skippable allows."""
         if self._decoder is None and self._readable and not self._strip and len(rest) > TAIL_BYTES:
             if not self._sse.at_boundary:  # finish the event a read cut in two
                 end = rest.find(b"\n\n") + 2
                 if end >= 2:
-                    self.feed(rest[:end], times[-1])
+                    self.feed(rest[:end], now)
                     rest = rest[end:]
             cut = rest.rfind(b"\n\n", 0, len(rest) - TAIL_BYTES) + 2
             if cut >= 2 and self._sse.at_boundary:
@@ -246,7 +258,7 @@ class StreamTap:
                 if self.folder.skippable(head):
                     self._sse.skip(head)
                     rest = rest[cut:]
-        self.feed(rest, times[-1])
+        self.feed(rest, now)
 
     def close(self, now: float, complete: bool = True) -> bytes:
         """End of stream: fold a trailing unterminated event; returns any bytes still held back.

@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 from openrouter import OpenRouter
 
+from proxy import forward
 from proxy.completions import CompletionRecord, StreamFolder
 from proxy.recorder import record_to_row
 from proxy.taps import MAX_HELD_BYTES, StreamTap
@@ -669,6 +670,26 @@ async def test_openai_client_never_sees_the_injected_usage_chunk(
     row = await ledger.row()
     assert row["total_tokens"] == OPENAI_LIKE_USAGE["total_tokens"]
     assert row["outcome"] == "ok"
+
+
+async def test_a_stream_over_the_copy_limit_is_still_logged_from_its_head_and_tail(
+    ledger: Ledger, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_PARSED_BODY, a stream's copy keeps only its first and its last reads (the middle of a
+    huge stream is content deltas): the row still gets the stream's ids, finish reason and usage, here
+    from the usage chunk the proxy asked for and cut out of what the official client gets."""
+    monkeypatch.setattr(forward, "MAX_PARSED_BODY", 32 * 1024)
+    monkeypatch.setattr(forward, "STREAM_HEAD_BYTES", 4 * 1024)
+    monkeypatch.setattr(forward, "STREAM_TAIL_BYTES", 8 * 1024)
+    case = OPENAI_INCLUDE_USAGE
+    body = b"".join(_lengthened(case, 1500))
+    assert len(body) > 200 * 1024
+    add(upstream, Trickle(body, max_piece=997))
+    chunks, error = await openai_chunks(ledger)
+    assert error is None
+    assert len(chunks) == len(case.client_chunks) + 1500
+    assert all(chunk.usage is None for chunk in chunks)
+    check_row(await ledger.row(), case)
 
 
 async def test_openai_client_that_asked_for_usage_gets_the_usage_chunk(
