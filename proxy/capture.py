@@ -72,17 +72,11 @@ def materialize(exchange: Exchange) -> CompletionRecord:
     return record
 
 
-def classify_guarded(
-    record: CompletionRecord,
-    failure: tuple[str, str] | None,
-    stream_tap: StreamTap | None,
-    body_tap: BodyTap | None,
-    chat: bool,
-    started: float,
-) -> None:
-    """classify(), where a parser bug costs the parsed fields, never the row."""
+def classify_other_path(record: CompletionRecord, failure: tuple[str, str] | None, body_tap: BodyTap) -> None:
+    """classify() for a call on another path than chat completions (`all_paths` logging): its body is
+    read only for an error summary, and a parser bug costs that summary, never the row."""
     try:
-        classify(record, failure, stream_tap, body_tap, chat, started)
+        classify(record, failure, None, body_tap, chat=False, started=0.0)
     except Exception:
         log.exception("parsing the response of request %s failed", record.request_id)
         record.outcome, record.error = "unparsed", INTERNAL_ERROR

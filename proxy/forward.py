@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .capture import Exchange, classify_guarded, new_record
+from .capture import Exchange, classify_other_path, new_record
 from .completions import CompletionRecord
 from .config import Config
 from .request_facts import (
@@ -470,14 +470,14 @@ class Forwarder:
         )
 
     async def _relay_recorded(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call, is_sse: bool
+        self, request: web.Request, upstream: aiohttp.ClientResponse, call: _Call, event_stream: bool
     ) -> web.StreamResponse:
         """A call on another path (`all_paths` logging): its record is built here; an error body
         gives the record its summary."""
         record = self._record(call)
         headers = forwardable_response_headers(upstream.headers)
         record.status_code = upstream.status
-        record.stream = record.stream or is_sse
+        record.stream = record.stream or event_stream
         record.upstream_request_id = _upstream_request_id(upstream)
         record.ttft_ms = round((time.perf_counter() - call.started) * 1000, 3)
         body_tap = BodyTap(upstream.headers.get("Content-Encoding"))
@@ -488,11 +488,11 @@ class Forwarder:
             failure = await self._pump(request, upstream, response, None, body_tap)
         except asyncio.CancelledError:  # the client went away while we waited on the upstream
             upstream.close()
-            classify_guarded(record, DISCONNECTED, None, body_tap, call.chat, call.started)
+            classify_other_path(record, DISCONNECTED, body_tap)
             self._finish(call, record)
             raise
         self._after_failure(request, upstream, failure)
-        classify_guarded(record, failure, None, body_tap, call.chat, call.started)
+        classify_other_path(record, failure, body_tap)
         self._finish(call, record)
         return response
 
