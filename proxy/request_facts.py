@@ -111,6 +111,8 @@ def _random_bytes(count: int) -> bytes:
     taken = bytes(_pool[-count:])
     del _pool[-count:]
     return taken
+
+
 SECRET_QUERY_PARAMETERS = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token", "code"})
 
 
