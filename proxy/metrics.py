@@ -1,6 +1,8 @@
 """Prometheus metrics of one proxy process (each worker has its own registry).
 
 Counters and histograms are fed by the writer, once per batch of records, never on the request path.
+Histograms arrive already bucketed (`summarize` runs in the writer process): the serving process adds a
+few short lists per batch instead of paying prometheus_client's Histogram.observe for every call.
 The writer's own state (queue depth, rows written/spooled/lost) is read from the Recorder at scrape time.
 Model names come from clients, so the `model` label is capped: past MAX_MODELS distinct values new
 names are counted as "other" instead of growing the registry without bound.
@@ -8,14 +10,16 @@ names are counted as "other" instead of growing the registry without bound.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .completions import CompletionRecord
 
@@ -72,10 +76,55 @@ class _WriterCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=value)
 
 
+class _BucketedHistogram(Collector):
+    """A histogram per (upstream, model) fed with bucket counts (`add`), not single observations.
+
+    Each series is a list: one count per bucket in DURATION_BUCKETS/TTFT_BUCKETS order, one for values
+    above the last bound, then the sum of the values."""
+
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.bounds = [floatToGoString(bound) for bound in buckets] + ["+Inf"]
+        self.series: dict[tuple[str, str], list[float]] = {}
+
+    def add(self, labels: tuple[str, str], counts: list[float]) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            self.series[labels] = list(counts)
+        else:
+            for index, count in enumerate(counts):
+                series[index] += count
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.help_text, labels=("upstream", "model"))
+        for labels, series in self.series.items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip(self.bounds, series, strict=False):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(labels), buckets, sum_value=series[-1])
+        yield family
+
+
+def _bucket(
+    histograms: dict[tuple[str, str], list[float]], labels: tuple[str, str], bounds: tuple[float, ...], value: float
+) -> None:
+    """Count value in its bucket of labels' series (le: the first bound not below it), and in the sum."""
+    series = histograms.get(labels)
+    if series is None:
+        series = histograms[labels] = [0] * (len(bounds) + 1) + [0.0]
+    series[bisect_left(bounds, value)] += 1
+    series[-1] += value
+
+
 @dataclass(slots=True)
 class BatchSummary:
-    """A batch of records reduced to per-label sums: what the metrics need, small enough to send from
-    the writer process to the one serving /metrics."""
+    """A batch of records reduced to per-label sums and bucket counts: what the metrics need, small
+    enough to send from the writer process to the one serving /metrics."""
 
     requests: dict[tuple[str, str, str, str], int] = field(default_factory=lambda: defaultdict(int))
     sums: dict[tuple[str, str], list[float]] = field(default_factory=dict)
@@ -100,9 +149,9 @@ def summarize(records: Iterable[CompletionRecord]) -> BatchSummary:
         else:
             totals[4] += 1
         if record.duration_ms is not None:
-            summary.durations.setdefault(labels, []).append(record.duration_ms / 1000)
+            _bucket(summary.durations, labels, DURATION_BUCKETS, record.duration_ms / 1000)
         if record.ttft_ms is not None and record.stream:  # non-streamed calls: time to headers
-            summary.ttfts.setdefault(labels, []).append(record.ttft_ms / 1000)
+            _bucket(summary.ttfts, labels, TTFT_BUCKETS, record.ttft_ms / 1000)
     summary.requests = dict(summary.requests)  # plain dict: it may be pickled
     return summary
 
@@ -117,9 +166,7 @@ class LedgerMetrics:
             ("upstream", "model", "status", "outcome"),
             registry=self.registry,
         )
-        self.prompt_tokens = Counter(
-            "chatledger_prompt_tokens", "Prompt tokens", per_model, registry=self.registry
-        )
+        self.prompt_tokens = Counter("chatledger_prompt_tokens", "Prompt tokens", per_model, registry=self.registry)
         self.completion_tokens = Counter(
             "chatledger_completion_tokens", "Completion tokens", per_model, registry=self.registry
         )
@@ -133,20 +180,18 @@ class LedgerMetrics:
             per_model,
             registry=self.registry,
         )
-        self.duration = Histogram(
+        self.duration = _BucketedHistogram(
             "chatledger_request_duration_seconds",
             "Time from request to the end of the response",
-            per_model,
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
+            DURATION_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = _BucketedHistogram(
             "chatledger_time_to_first_token_seconds",
             "Streamed calls: time to the first content chunk",
-            per_model,
-            buckets=TTFT_BUCKETS,
-            registry=self.registry,
+            TTFT_BUCKETS,
         )
+        self.registry.register(self.duration)
+        self.registry.register(self.ttft)
         self._writer = _WriterCollector()
         self.registry.register(self._writer)
         self._models: set[str] = set()
@@ -169,11 +214,9 @@ class LedgerMetrics:
     def apply(self, summary: BatchSummary) -> None:
         """Add a batch's sums to the counters: a labels() lookup costs more than the arithmetic, and a
         batch of hundreds of records usually has a handful of label sets."""
-        for histogram, samples in ((self.duration, summary.durations), (self.ttft, summary.ttfts)):
-            for (upstream, model), values in samples.items():
-                child = histogram.labels(upstream, self._model(model))
-                for value in values:
-                    child.observe(value)
+        for histogram, bucketed in ((self.duration, summary.durations), (self.ttft, summary.ttfts)):
+            for (upstream, model), counts in bucketed.items():
+                histogram.add((upstream, self._model(model)), counts)
         for (upstream, model, status, outcome), count in summary.requests.items():
             self.requests.labels(upstream, self._model(model), status, outcome).inc(count)
         for (upstream, model), (prompt, completion, cached, cost, unpriced) in summary.sums.items():

@@ -171,3 +171,51 @@ def test_client_chosen_model_names_cannot_grow_the_registry_without_bound(
             models[dict(labels)["model"]] = count
     assert models == {"model-0": 2, "model-1": 1, "other": 3}
     assert not any(name.startswith("chatledger_rows_") for name, _ in samples)  # no recorder attached yet
+
+
+def test_pre_bucketed_histograms_match_prometheus_clients_own() -> None:
+    """The writer buckets durations itself; /metrics must read exactly as prometheus_client's Histogram
+    fed the same values would (bounds included: a value equal to a bound counts in that bucket)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    durations = [0.01, 0.05, 0.0500001, 0.1, 1, 2.5, 7, 300, 301, 1e6, 0.0]
+    records = []
+    for n, seconds in enumerate(durations):
+        record = _record("model-a" if n % 3 else "model-b")
+        record.duration_ms = seconds * 1000
+        record.ttft_ms = seconds * 500
+        record.stream = n % 2 == 0
+        records.append(record)
+    metrics = LedgerMetrics()
+    metrics.observe(records[:4])
+    metrics.observe(records[4:])  # two batches add up
+
+    registry = CollectorRegistry()
+    reference = {
+        name: Histogram(name, "reference", ("upstream", "model"), buckets=buckets, registry=registry)
+        for name, buckets in (
+            ("chatledger_request_duration_seconds", metrics_module.DURATION_BUCKETS),
+            ("chatledger_time_to_first_token_seconds", metrics_module.TTFT_BUCKETS),
+        )
+    }
+    for record in records:
+        labels = ("u", record.model)
+        reference["chatledger_request_duration_seconds"].labels(*labels).observe(record.duration_ms / 1000)
+        if record.stream:
+            reference["chatledger_time_to_first_token_seconds"].labels(*labels).observe(record.ttft_ms / 1000)
+
+    def histogram_samples(samples: Samples) -> Samples:
+        return {
+            key: count
+            for key, count in samples.items()
+            if key[0].startswith(tuple(reference)) and not key[0].endswith("_created")
+        }
+
+    ours = histogram_samples(parse(metrics.render().decode()))
+    expected = histogram_samples(parse(generate_latest(registry).decode()))
+    assert len(expected) == 2 * (len(metrics_module.DURATION_BUCKETS) + 3) + 2 * (
+        len(metrics_module.TTFT_BUCKETS) + 3
+    )
+    assert ours.keys() == expected.keys()
+    for key, count in expected.items():
+        assert ours[key] == pytest.approx(count), key
