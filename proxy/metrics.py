@@ -11,7 +11,6 @@ names are counted as "other" instead of growing the registry without bound.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -126,18 +125,22 @@ class BatchSummary:
     """A batch of records reduced to per-label sums and bucket counts: what the metrics need, small
     enough to send from the writer process to the one serving /metrics."""
 
-    requests: dict[tuple[str, str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    requests: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
     sums: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     ttfts: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
 
-def summarize(records: Iterable[CompletionRecord]) -> BatchSummary:
-    summary = BatchSummary()
+def summarize(records: Iterable[CompletionRecord], into: BatchSummary | None = None) -> BatchSummary:
+    """records' sums and bucket counts, added to `into` when given (the writer process sends one
+    summary per stats message, whatever the number of batches it wrote meanwhile)."""
+    summary = BatchSummary() if into is None else into
+    requests = summary.requests
     for record in records:
         labels = (record.upstream, record.model or record.requested_model or "unknown")
         status = str(record.status_code) if record.status_code is not None else "none"
-        summary.requests[(*labels, status, record.outcome)] += 1
+        key = (*labels, status, record.outcome)
+        requests[key] = requests.get(key, 0) + 1
         totals = summary.sums.get(labels)
         if totals is None:
             totals = summary.sums[labels] = [0, 0, 0, 0.0, 0]
@@ -152,7 +155,6 @@ def summarize(records: Iterable[CompletionRecord]) -> BatchSummary:
             _bucket(summary.durations, labels, DURATION_BUCKETS, record.duration_ms / 1000)
         if record.ttft_ms is not None and record.stream:  # non-streamed calls: time to headers
             _bucket(summary.ttfts, labels, TTFT_BUCKETS, record.ttft_ms / 1000)
-    summary.requests = dict(summary.requests)  # plain dict: it may be pickled
     return summary
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from .capture import Exchange, materialize
 from .completions import CompletionRecord
 from .config import Config, default_spool_dir
-from .metrics import LedgerMetrics, summarize
+from .metrics import BatchSummary, LedgerMetrics, summarize
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -349,23 +349,24 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     engine = create_engine(config.database.url)
     pricer = Pricer(engine, config.pricing.models)
     await pricer.start()
-    summaries: list[Any] = []
+    summary = BatchSummary()  # the batches' metrics since the last stats message
     received = 0  # records taken from the parent, reported so it can tell what a crash would lose
 
     def on_batch(records: list[CompletionRecord]) -> None:
         try:
             pricer.apply(records)
         finally:
-            summaries.append(summarize(records))
+            summarize(records, into=summary)
 
     recorder = Recorder.from_config(engine, config.database, on_batch)
     recorder.start()
 
     def stats() -> None:
+        nonlocal summary
         state = {name: getattr(recorder, name) for name in STAT_NAMES}
         state["received"] = received
-        writer.write(frame(("stats", state, summaries[:])))
-        summaries.clear()
+        writer.write(frame(("stats", state, [summary] if summary.requests else [])))
+        summary = BatchSummary()
 
     async def report() -> None:
         while True:
