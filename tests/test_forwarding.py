@@ -11,9 +11,11 @@ import contextlib
 import gzip
 import hashlib
 import logging
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from yarl import URL
 
 from proxy import __version__
 from proxy.app import create_app
+from proxy.request_facts import new_request_id
 
 from .conftest import Ledger, make_config, start_ledger
 from .payloads import HTML_502, MODELS_LIST, OPENAI_BASIC, midstream_error_stream
@@ -776,3 +779,32 @@ async def test_the_raw_key_is_stored_nowhere(
         assert KEY_HASH in text_dump
         assert KEY[3:] not in text_dump
     assert KEY[3:] not in caplog.text
+
+
+def test_request_ids_are_distinct_time_ordered_uuid7s_also_after_a_fork() -> None:
+    before = datetime.now(UTC)
+    ids = [new_request_id() for _ in range(20_000)]  # spans several refills of the random pool
+    after = datetime.now(UTC)
+    assert len(set(ids)) == len(ids)
+    parsed = [uuid.UUID(request_id) for request_id in ids]
+    assert all(str(u) == i and u.version == 7 and u.variant == uuid.RFC_4122 for u, i in zip(parsed, ids, strict=True))
+    stamps = [u.int >> 80 for u in parsed]
+    assert stamps == sorted(stamps)
+    assert before.timestamp() * 1000 - 1 <= stamps[0]
+    assert stamps[-1] <= after.timestamp() * 1000
+    assert {i[19] for i in ids} == set("89ab")  # the variant digit keeps two random bits
+    assert len({u.int & ((1 << 62) - 1) for u in parsed}) == len(ids)
+
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        os.write(writer, "\n".join(new_request_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    with os.fdopen(reader) as pipe:
+        child_ids = pipe.read().split("\n")
+    parent_ids = [new_request_id() for _ in range(50)]
+    tails = {i[15:] for i in parent_ids}
+    assert len(child_ids) == 50
+    assert not tails & {i[15:] for i in child_ids}
