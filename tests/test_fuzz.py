@@ -23,8 +23,17 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.completions import CompletionRecord, StreamFolder, parse_completion_body
+from proxy.forward import (
+    HOP_BY_HOP,
+    STEERING_HEADERS,
+    filter_request_headers,
+    filter_response_headers,
+    forwardable_request_headers,
+    forwardable_response_headers,
+)
 from proxy.recorder import record_to_row
 from proxy.request_facts import inspect_request
 from proxy.spool import encode_row
@@ -329,3 +338,44 @@ def test_feed_all_equals_read_by_read(
     assert whole_tap.folder.failed == each_tap.folder.failed
     assert whole_tap.first_event_at == each_tap.first_event_at
     assert whole_tap.first_content_at == each_tap.first_content_at
+
+
+_USUAL_HEADER_NAMES = [
+    *("host", "content-length", "connection", "keep-alive", "transfer-encoding", "authorization", "accept"),
+    *("content-type", "user-agent", "x-stainless-lang", "openai-organization", "x-ledger-tags", "x-ledger-user"),
+]
+_RARE_HEADER_NAMES = sorted((HOP_BY_HOP | STEERING_HEADERS | {"forwarded", "x-ledger-x"}) - set(_USUAL_HEADER_NAMES))
+_HEADER_VALUES = st.sampled_from(
+    [
+        *("keep-alive", "close", "Keep-Alive", "keep-alive, Upgrade", "close, X-Stainless-Lang", " , "),
+        *("for=1.2.3.4", "for=1.2.3.4;host=evil", "Bearer sk-x", "chunked", "x"),
+    ]
+)
+
+
+def _header_pairs(names: list[str], max_size: int) -> st.SearchStrategy[list[tuple[str, str]]]:
+    """Lists of every length up to max_size alike (hypothesis would favour short ones)."""
+    cased = st.sampled_from(names).flatmap(lambda name: st.sampled_from([name, name.upper(), name.title()]))
+    pair = st.tuples(cased, _HEADER_VALUES)
+    return st.integers(0, max_size).flatmap(lambda size: st.lists(pair, min_size=size, max_size=size))
+
+
+# mostly usual headers, so that the fast paths (FEW_HEADERS or more, none unusual) are taken often
+_HEADERS = st.tuples(_header_pairs(_USUAL_HEADER_NAMES, 24), _header_pairs(_RARE_HEADER_NAMES, 2)).flatmap(
+    lambda parts: st.permutations(parts[0] + parts[1])
+)
+
+
+@FUZZ
+@given(_HEADERS)
+@example([("Connection", "close, X-Stainless-Lang"), ("X-Stainless-Lang", "x")] + [("Accept", "x")] * 8)
+def test_header_fast_paths_forward_what_the_per_header_filters_forward(pairs: list[tuple[str, str]]) -> None:
+    """The fast paths (a copy and a few removals when no unusual header is present) must give exactly
+    what the one-header-at-a-time filters give, order and case included, for any mix of headers."""
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    fast, fast_reason = forwardable_request_headers(headers)
+    slow, slow_reason = filter_request_headers(headers)
+    assert fast_reason == slow_reason
+    if slow_reason is None:
+        assert list(fast.items()) == list(slow.items())
+    assert list(forwardable_response_headers(headers).items()) == list(filter_response_headers(headers).items())
