@@ -75,7 +75,7 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
         recorder.start()
     app[METRICS].watch(recorder)
     app[RECORDER] = recorder
-    app[FORWARDER] = Forwarder(app[CONFIG], recorder.submit)
+    app[FORWARDER].submit = recorder.submit
     yield
     await recorder.close()
 
@@ -99,10 +99,6 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     app[FORWARDER].session = session
     yield
     await session.close()
-
-
-async def forward(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARDER].handle(request)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -160,6 +156,7 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_size, middlewares=[_origin_form_only])
     app[CONFIG] = config
     app[_MIGRATE] = migrate
+    app[FORWARDER] = forwarder = Forwarder(config)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_recorder)
@@ -167,5 +164,5 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
     app.router.add_get(LEDGER_PREFIX + "health", health)
     add_api_routes(app)
     app.router.add_route("*", LEDGER_PREFIX + "{tail:.*}", ledger_not_found)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle)  # directly: one coroutine less per call
     return app

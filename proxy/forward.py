@@ -290,20 +290,26 @@ class _StrippedCopy:
         return self.strip.close(now, complete)
 
 
+def _not_started(item: CompletionRecord | Exchange) -> None:
+    raise RuntimeError("the forwarder has no recorder yet: the app's cleanup contexts have not run")
+
+
 class Forwarder:
     """Holds what every request needs, resolved once: upstream base, timeouts, session, recorder.
+    `handle` is the catch-all route's handler itself; the app's cleanup contexts set `session` and
+    `submit` (the recorder's).
 
     A chat call is captured raw (an Exchange) and parsed by the writer. Only calls that never got a
     response and calls with logging of all paths build their record here. A stream whose injected usage
     chunk is cut out of the client's bytes is captured raw too: the request path only finds that chunk.
     """
 
-    def __init__(self, config: Config, submit: Submit) -> None:
+    def __init__(self, config: Config) -> None:
         self._upstream = config.upstream.url
         self._max_body = config.server.max_body_size
         self._all_paths = config.logging.all_paths
         self._inject_usage = config.logging.inject_stream_usage
-        self._submit = submit
+        self.submit: Submit = _not_started
         self.session: aiohttp.ClientSession | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -358,7 +364,7 @@ class Forwarder:
         if call.key and record.error and call.key in record.error:
             record.error = record.error.replace(call.key, "[redacted]")
         call.done = True
-        self._submit(record)
+        self.submit(record)
 
     async def _forward(
         self, request: web.Request, headers: CIMultiDict[str], call: _Call | None
@@ -493,7 +499,7 @@ class Forwarder:
         failure: tuple[str, str] | None,
     ) -> None:
         call.done = True
-        self._submit(
+        self.submit(
             Exchange(
                 call.request_id,
                 call.started_wall,
