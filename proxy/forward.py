@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .capture import Exchange, classify_other_path, new_record
+from .capture import CapturedCall, classify_other_path, new_record
 from .completions import CompletionRecord
 from .config import Config
 from .request_facts import (
@@ -70,7 +70,7 @@ UPSTREAM_ID_HEADERS = ("x-generation-id", "x-request-id", "request-id", "apim-re
 DISCONNECTED = ("client_disconnected", "client disconnected")
 EPOCH = datetime.fromtimestamp(0, UTC)
 
-Submit = Callable[[CompletionRecord | Exchange], None]
+Submit = Callable[[CompletionRecord | CapturedCall], None]
 
 
 def json_error(status: int, message: str, error_type: str, code: str, request_id: str | None = None) -> web.Response:
@@ -231,7 +231,7 @@ class _Copy:
     size: int = 0
     overflow: bool = False
     gap_at: int = -1  # an overflowed stream: chunks[gap_at:] (the tail) follows a gap
-    tail: collections.deque[tuple[bytes, float]] = field(default_factory=collections.deque)
+    tail: collections.deque[tuple[bytes, float]] | None = None  # made at the gap: most calls never have one
     tail_size: int = 0
 
     def feed(self, chunk: bytes, now: float) -> bytes:
@@ -247,7 +247,7 @@ class _Copy:
                 self.chunks.clear()
                 return chunk
             self._keep_head()
-        if self.gap_at >= 0:
+        if self.tail is not None:
             self.tail.append((chunk, now))
             self.tail_size += len(chunk)
             while self.tail_size > STREAM_TAIL_BYTES and len(self.tail) > 1:
@@ -262,10 +262,11 @@ class _Copy:
             kept += 1
         del self.chunks[kept:], self.times[kept:]
         self.gap_at = kept
+        self.tail = collections.deque()
 
     def reads(self) -> tuple[list[bytes], list[float] | None]:
         """The reads kept, and their times: the tail of an overflowed stream after its head."""
-        if self.gap_at < 0 or self.times is None:
+        if self.tail is None or self.times is None:
             return self.chunks, self.times
         return self.chunks + [c for c, _ in self.tail], self.times + [t for _, t in self.tail]
 
@@ -290,7 +291,7 @@ class _StrippedCopy:
         return self.strip.close(now, complete)
 
 
-def _not_started(item: CompletionRecord | Exchange) -> None:
+def _not_started(item: CompletionRecord | CapturedCall) -> None:
     raise RuntimeError("the forwarder has no recorder yet: the app's cleanup contexts have not run")
 
 
@@ -313,6 +314,8 @@ class Forwarder:
         self.session: aiohttp.ClientSession | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The catch-all route's handler: refuse, or read the body, send it upstream and relay the answer.
+        One coroutine from refusal to relay: each level of calls costs every request a little."""
         reason = refusal(request)
         if reason is None:
             headers, reason = forwardable_request_headers(request.headers)
@@ -320,13 +323,51 @@ class Forwarder:
             return json_error(400, reason, "invalid_request_error", "proxy_refused")
         method = request.method
         chat = method == "POST" and request.path.endswith("/chat/completions")
-        if not chat and not self._all_paths:
-            return await self._forward(request, headers, None)
-        call = self._call(request, method, chat)
+        call = self._call(request, method, chat) if chat or self._all_paths else None
         try:
-            return await self._forward(request, headers, call)
+            if request.content_length is not None and request.content_length > self._max_body:
+                return self._too_large(call)
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._too_large(call)
+            send = body
+            if call is not None:
+                call.body = body
+                # only a streaming request can need usage injected: anything else is read by the writer
+                if chat and self._inject_usage and b'"stream"' in body:
+                    call.facts = inspect_request(body, inject_usage=True)
+                    send = call.facts.body
+
+            assert self.session is not None
+            try:
+                upstream = await self.session.request(
+                    method,
+                    URL(self._upstream + request.raw_path, encoded=True),
+                    data=send if send else None,
+                    headers=headers,
+                    allow_redirects=False,
+                    skip_auto_headers=SKIP_AUTO_HEADERS,
+                )
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                return self._failed(call, 504, "timeout", "upstream timed out before responding")
+            except aiohttp.ClientConnectorError as exc:
+                return self._failed(call, 502, "unreachable", f"upstream unreachable: {exc}")
+            except aiohttp.ClientError as exc:
+                message = f"upstream failed before responding: {type(exc).__name__}: {exc}"
+                return self._failed(call, 502, "upstream_error", message)
+
+            try:
+                if call is None:
+                    return await self._relay_unlogged(request, upstream)
+                event_stream = upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
+                if chat:
+                    return await self._relay_captured(request, upstream, call, event_stream)
+                return await self._relay_recorded(request, upstream, call, event_stream)
+            finally:
+                upstream.release()
         except asyncio.CancelledError:
-            if not call.done:
+            if call is not None and not call.done:
                 record = self._record(call)
                 record.outcome, record.error = "client_disconnected", "client disconnected"
                 self._finish(call, record)
@@ -338,16 +379,16 @@ class Forwarder:
         headers = request.headers
         key = bearer_key(headers)
         return _Call(
-            request_id=new_request_id(),
-            started=started,
-            started_wall=time.time(),
-            method=method[:16],
-            path=redact_query(request.raw_path),
-            chat=chat,
-            key=key,
-            key_hash=key_fingerprint(key) if key is not None else None,
-            tag_headers=headers.getall("X-Ledger-Tags") if "X-Ledger-Tags" in headers else None,
-            user_header=headers.get("X-Ledger-User"),
+            new_request_id(),
+            started,
+            time.time(),
+            method[:16],
+            redact_query(request.raw_path),
+            chat,
+            key,
+            key_fingerprint(key) if key is not None else None,
+            headers.getall("X-Ledger-Tags") if "X-Ledger-Tags" in headers else None,
+            headers.get("X-Ledger-User"),
         )
 
     def _record(self, call: _Call) -> CompletionRecord:
@@ -365,52 +406,6 @@ class Forwarder:
             record.error = record.error.replace(call.key, "[redacted]")
         call.done = True
         self.submit(record)
-
-    async def _forward(
-        self, request: web.Request, headers: CIMultiDict[str], call: _Call | None
-    ) -> web.StreamResponse:
-        if request.content_length is not None and request.content_length > self._max_body:
-            return self._too_large(call)
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large(call)
-        send = body
-        if call is not None:
-            call.body = body
-            # only a streaming request can need usage injected: anything else is read by the writer
-            if call.chat and self._inject_usage and b'"stream"' in body:
-                call.facts = inspect_request(body, inject_usage=True)
-                send = call.facts.body
-
-        assert self.session is not None
-        url = URL(self._upstream + request.raw_path, encoded=True)
-        try:
-            upstream = await self.session.request(
-                request.method,
-                url,
-                data=send if send else None,
-                headers=headers,
-                allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            return self._failed(call, 504, "timeout", "upstream timed out before responding")
-        except aiohttp.ClientConnectorError as exc:
-            return self._failed(call, 502, "unreachable", f"upstream unreachable: {exc}")
-        except aiohttp.ClientError as exc:
-            message = f"upstream failed before responding: {type(exc).__name__}: {exc}"
-            return self._failed(call, 502, "upstream_error", message)
-
-        try:
-            if call is None:
-                return await self._relay_unlogged(request, upstream)
-            event_stream = upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
-            if call.chat:
-                return await self._relay_captured(request, upstream, call, event_stream)
-            return await self._relay_recorded(request, upstream, call, event_stream)
-        finally:
-            upstream.release()
 
     def _too_large(self, call: _Call | None) -> web.Response:
         message = f"request body is larger than the proxy's limit of {self._max_body} bytes"
@@ -500,7 +495,7 @@ class Forwarder:
     ) -> None:
         call.done = True
         self.submit(
-            Exchange(
+            (  # an Exchange's fields, as a plain tuple: see capture.CapturedCall
                 call.request_id,
                 call.started_wall,
                 call.started,

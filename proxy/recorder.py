@@ -34,7 +34,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .capture import Exchange, materialize
+from .capture import CapturedCall, materialize
 from .completions import ChoiceRecord, CompletionRecord
 from .completions import clean_text as safe_text
 from .config import DatabaseConfig, default_spool_dir
@@ -175,8 +175,8 @@ class Recorder:
         self.hold_max = hold_max
         self._flush_interval = flush_interval
         self._on_batch = on_batch
-        self._pending: deque[tuple[float, CompletionRecord | Exchange]] = deque()  # (submitted at, record)
-        self._overflow: list[CompletionRecord | Exchange] = []
+        self._pending: deque[tuple[float, CompletionRecord | CapturedCall]] = deque()  # (submitted at, record)
+        self._overflow: list[CompletionRecord | CapturedCall] = []
         self._unsaved: deque[dict[str, Any]] = deque()  # rows neither the database nor the spool took
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -227,7 +227,7 @@ class Recorder:
 
     # ---- request side -------------------------------------------------------------------------
 
-    def submit(self, record: CompletionRecord | Exchange) -> None:
+    def submit(self, record: CompletionRecord | CapturedCall) -> None:
         """Hand a record over; never blocks, never raises. Past queue_max it goes to the spool."""
         if len(self._pending) + len(self._unsaved) >= self._queue_max:  # memory holds queue_max at most
             self._overflow.append(record)
@@ -353,7 +353,7 @@ class Recorder:
         overflow, self._overflow = self._overflow, []
         return self._rows(overflow)
 
-    def _rows(self, items: list[CompletionRecord | Exchange]) -> list[dict[str, Any]]:
+    def _rows(self, items: list[CompletionRecord | CapturedCall]) -> list[dict[str, Any]]:
         """Rows of records (captured exchanges are parsed here, off the request path), after the
         on_batch hook (pricing, metrics) saw them: once per record."""
         if not items:

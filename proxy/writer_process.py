@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from .capture import Exchange, materialize
+from .capture import CapturedCall, materialize
 from .completions import CompletionRecord
 from .config import Config, default_spool_dir
 from .metrics import BatchSummary, LedgerMetrics, summarize
@@ -125,7 +125,7 @@ class RecorderLink:
         self._metrics = metrics
         self._backlog_bytes = config.database.writer_backlog_mb * 1024 * 1024
         self.spool = Spool(default_spool_dir(config.database))  # read-only here: health lists its files
-        self._outbox: list[CompletionRecord | Exchange] = []
+        self._outbox: list[CompletionRecord | CapturedCall] = []
         self._send_handle: asyncio.TimerHandle | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -144,17 +144,8 @@ class RecorderLink:
 
     # ---- the Recorder's interface ---------------------------------------------------------------
 
-    def submit(self, item: CompletionRecord | Exchange) -> None:
-        """Never blocks: the record goes out with the next frame.
-
-        While the child has more than database.writer_backlog_mb of frames unread (a burst, or a CPU too
-        busy to give it its share),
-        exchanges are parsed here before they go: the serving process then pays for parsing, as the
-        in-process writer does, which slows it to a pace the writer can follow instead of letting raw
-        copies pile up in memory without bound.
-        """
-        if type(item) is Exchange and self._behind():
-            item = materialize(item)
+    def submit(self, item: CompletionRecord | CapturedCall) -> None:
+        """Never blocks: the record goes out with the next frame (see _send_outbox)."""
         self._outbox.append(item)
         if self._send_handle is None:
             self._send_handle = asyncio.get_running_loop().call_later(SEND_INTERVAL, self._send_outbox)
@@ -259,6 +250,13 @@ class RecorderLink:
             raise RuntimeError(f"the writer process did not start within {START_TIMEOUT:.0f}s") from None
 
     def _send_outbox(self) -> None:
+        """Send the outbox as one frame.
+
+        While the child has more than database.writer_backlog_mb of frames unread (a burst, or a CPU too
+        busy to give it its share), captured calls are parsed here before they go: the serving process
+        then pays for parsing, as the in-process writer does, which slows it to a pace the writer can
+        follow instead of letting raw copies pile up in memory without bound.
+        """
         if self._send_handle is not None:
             self._send_handle.cancel()
             self._send_handle = None
@@ -266,9 +264,9 @@ class RecorderLink:
             return
         items, self._outbox = self._outbox, []
         self._sent += len(items)
-        # an Exchange goes as a plain tuple: pickling a NamedTuple costs three times as much
-        wire = [tuple(item) if isinstance(item, Exchange) else item for item in items]
-        if not self._send(("items", wire)):
+        if self._behind():
+            items = [item if isinstance(item, CompletionRecord) else materialize(item) for item in items]
+        if not self._send(("items", items)):  # captured calls go as plain tuples: they pickle fastest
             self._lose(len(items), "the writer process is not running")
 
     def _send(self, message: Any) -> bool:
@@ -391,7 +389,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
                 # parsed as they arrive, a frame (a few ms of traffic) at a time: the raw copies are
                 # freed at once, and reading never waits behind a whole batch being parsed
                 for item in message[1]:
-                    recorder.submit(materialize(Exchange._make(item)) if type(item) is tuple else item)
+                    recorder.submit(item if isinstance(item, CompletionRecord) else materialize(item))
                 received += len(message[1])
                 await asyncio.sleep(0)  # frames queued here must not keep the recorder's writes waiting
             elif message[0] == "idle":

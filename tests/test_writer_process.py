@@ -11,6 +11,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -19,7 +20,6 @@ import pytest
 
 from proxy.capture import redact_fingerprinted
 from proxy.completions import CompletionRecord
-from proxy.keys import FORWARDER
 from proxy.request_facts import key_fingerprint
 
 from .conftest import Ledger, make_config, start_ledger
@@ -206,13 +206,14 @@ async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_cop
         link = ledger.recorder
         link._backlog_bytes = -1  # type: ignore[union-attr]  # always "behind": the serving process parses
         sent: list[object] = []
-        submit = link.submit
+        send = link._send  # type: ignore[union-attr]
 
-        def spy(item: object) -> None:
-            submit(item)  # type: ignore[arg-type]
-            sent.append(link._outbox[-1])  # type: ignore[union-attr]
+        def spy(message: tuple[Any, ...]) -> bool:
+            if message[0] == "items":
+                sent.extend(message[1])
+            return bool(send(message))
 
-        ledger.app[FORWARDER]._submit = spy
+        link._send = spy  # type: ignore[union-attr]
         async with aiohttp.ClientSession() as session:
             async with session.post(ledger.url + CHAT, json={"model": "gpt-4o"}) as response:
                 await response.read()
