@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from sqlalchemy import text
 
 from . import __version__
@@ -23,11 +22,11 @@ from .metrics import LedgerMetrics
 from .migrate import upgrade
 from .pricing import Pricer
 from .recorder import Recorder
+from .router import LEDGER_PREFIX, ProxyRouter, new_app
 from .writer_process import RecorderLink
 
 log = logging.getLogger(__name__)
 
-LEDGER_PREFIX = "/_ledger/"
 HEALTH_DB_TIMEOUT = 2.0
 
 
@@ -134,14 +133,10 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-@web.middleware
-async def _origin_form_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """CONNECT and authority- or asterisk-form targets match no route (aiohttp would answer 404):
-    refuse them with the forwarder's 400, so the proxy is visibly not an open proxy."""
-    if request.method == "CONNECT" or not request.raw_path.startswith("/"):
-        reason = refusal(request) or "request target not accepted"
-        return json_error(400, reason, "invalid_request_error", "proxy_refused")
-    return await handler(request)
+async def refuse_target(request: web.Request) -> web.Response:
+    """CONNECT and targets not in origin form (ProxyRouter sends them here)."""
+    reason = refusal(request) or "request target not accepted"
+    return json_error(400, reason, "invalid_request_error", "proxy_refused")
 
 
 async def ledger_not_found(request: web.Request) -> web.Response:
@@ -153,7 +148,8 @@ _MIGRATE = web.AppKey("migrate", bool)
 
 def create_app(config: Config, *, migrate: bool = True) -> web.Application:
     """Build the proxy. With migrate=False the caller has already applied migrations (serve does)."""
-    app = web.Application(client_max_size=config.server.max_body_size, middlewares=[_origin_form_only])
+    router = ProxyRouter(refuse_target)
+    app = new_app(router, client_max_size=config.server.max_body_size)
     app[CONFIG] = config
     app[_MIGRATE] = migrate
     app[FORWARDER] = forwarder = Forwarder(config)
@@ -164,5 +160,5 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
     app.router.add_get(LEDGER_PREFIX + "health", health)
     add_api_routes(app)
     app.router.add_route("*", LEDGER_PREFIX + "{tail:.*}", ledger_not_found)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)  # directly: one coroutine less per call
+    router.add_forwarding(forwarder.handle)
     return app

@@ -138,7 +138,7 @@ def filter_request_headers(headers: Any) -> tuple[CIMultiDict[str], str | None]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in NOT_FORWARDED_REQUEST or lower.startswith("x-ledger-") or (dropped and lower in dropped):
+        if lower in NOT_FORWARDED_REQUEST or lower[:9] == "x-ledger-" or (dropped and lower in dropped):
             continue
         if lower in STEERING_HEADERS or (lower == "forwarded" and "host=" in value.lower()):
             return out, f"header {name} is not accepted: the upstream is fixed by configuration"
@@ -314,15 +314,14 @@ class Forwarder:
         self.session: aiohttp.ClientSession | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """The catch-all route's handler: refuse, or read the body, send it upstream and relay the answer.
-        One coroutine from refusal to relay: each level of calls costs every request a little."""
-        reason = refusal(request)
-        if reason is None:
-            headers, reason = forwardable_request_headers(request.headers)
+        """The forwarding route's handler: read the body, send it upstream, relay the answer. The router
+        has already refused CONNECT and targets not in origin form (`refusal`). One coroutine from the
+        request to the relay: each level of calls costs every request a little."""
+        headers, reason = forwardable_request_headers(request.headers)
         if reason is not None:
             return json_error(400, reason, "invalid_request_error", "proxy_refused")
         method = request.method
-        chat = method == "POST" and request.path.endswith("/chat/completions")
+        chat = method == "POST" and request.path[-17:] == "/chat/completions"
         call = self._call(request, method, chat) if chat or self._all_paths else None
         try:
             if request.content_length is not None and request.content_length > self._max_body:
@@ -360,7 +359,7 @@ class Forwarder:
             try:
                 if call is None:
                     return await self._relay_unlogged(request, upstream)
-                event_stream = upstream.headers.get("Content-Type", "").lower().startswith("text/event-stream")
+                event_stream = upstream.headers.get("Content-Type", "")[:17].lower() == "text/event-stream"
                 if chat:
                     return await self._relay_captured(request, upstream, call, event_stream)
                 return await self._relay_recorded(request, upstream, call, event_stream)

@@ -650,6 +650,8 @@ async def test_health_reports_an_unreachable_database(upstream: FakeUpstream, tm
         ("POST", "/_ledger/chat/completions"),
         ("GET", "/_ledger/"),
         ("DELETE", "/_ledger/health/extra"),
+        ("GET", "/%5Fledger/x"),  # the reserved prefix is matched decoded, as aiohttp's routes are
+        ("POST", "/_led%67er/chat/completions"),
     ],
 )
 async def test_unknown_ledger_paths_are_404_and_not_forwarded(
@@ -657,13 +659,26 @@ async def test_unknown_ledger_paths_are_404_and_not_forwarded(
 ) -> None:
     async with (
         aiohttp.ClientSession() as session,
-        session.request(method, ledger.url + path, json={}) as response,
+        session.request(method, URL(ledger.url + path, encoded=True), json={}) as response,
     ):
         assert response.status == 404
         error = orjson.loads(await response.read())["error"]
     assert error["code"] == "not_found"
     assert upstream.requests == []
     assert await ledger.rows() == []
+
+
+async def test_the_reserved_prefix_is_exact_and_matched_decoded(ledger: Ledger, upstream: FakeUpstream) -> None:
+    upstream.add("models", json_reply(MODELS_LIST))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(URL(ledger.url + "/%5Fledger/health", encoded=True)) as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "ok"
+        for path in ("/_ledgerx/models", "/v1/_ledger/models", "/_ledger"):
+            async with session.get(ledger.url + path, headers={"X-Fake-Scenario": "models"}) as response:
+                assert response.status == 200, path
+                assert await response.json() == MODELS_LIST
+    assert [request.path_qs for request in upstream.requests] == ["/_ledgerx/models", "/v1/_ledger/models", "/_ledger"]
 
 
 # --- the API key is never stored ---------------------------------------------------------------------

@@ -43,6 +43,7 @@ SECRET_KEY = "sk-proj-SECRETKEY-do-not-store-4f9a1c2e7b"
             id="absolute-form-chat",
         ),
         pytest.param(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", id="connect"),
+        pytest.param(b"CONNECT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", id="connect-origin-form"),
         pytest.param(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", id="asterisk-form"),
         pytest.param(
             b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Forwarded-Host: evil.example\r\n\r\n", id="xfh"
