@@ -123,8 +123,9 @@ class StreamTap:
         strip_only: bool = False,
     ) -> None:
         self.folder = StreamFolder(record, expected_choices)
-        # strip_only: the record is folded elsewhere (the writer, from a raw copy); once settled, only the
-        # blocks that could hold the usage-only chunk need decoding
+        # strip_only: the record is folded elsewhere (the writer, from a raw copy). After the first event,
+        # only the blocks that could hold the usage-only chunk need decoding: whether a chunk is that
+        # one is read off the chunk itself, and so is the provider that spares it (see _event).
         self._strip_only = strip_only
         self._sse = SSEDecoder()
         self._readable = True
@@ -152,16 +153,27 @@ class StreamTap:
             return self._feed_read(chunk[:split], now) + self._feed_read(chunk[split:], now)
         return self._feed_read(chunk, now)
 
+    @property
+    def _ready(self) -> bool:
+        """Reads may pass undecoded from here on, but for the blocks _quiet_blocks keeps for decoding:
+        once the fold is settled, or for a strip-only tap once its first event is decoded."""
+        return self.folder.settled or (self._strip_only and self.folder.data_events > 0)
+
     def _settling_split(self, chunk: bytes) -> int:
-        """Where to cut a big read while the fold is not settled (0: don't): its first events may settle
-        it, and the rest can then pass undecoded."""
-        if self.folder.settled or len(chunk) <= 2 * SETTLE_BYTES:
+        """Where to cut a big read while the tap is not _ready (0: don't): its first events may make it
+        ready, and the rest can then pass undecoded. A strip-only tap cuts after the first block."""
+        if self._ready:
             return 0
-        split = chunk.find(b"\n\n", SETTLE_BYTES) + 2
+        if self._strip_only:
+            split = chunk.find(b"\n\n") + 2
+        elif len(chunk) <= 2 * SETTLE_BYTES:
+            return 0
+        else:
+            split = chunk.find(b"\n\n", SETTLE_BYTES) + 2
         return split if 2 <= split < len(chunk) else 0
 
     def _feed_read(self, chunk: bytes, now: float) -> bytes:
-        if self.folder.settled and self._decoder is None and self._sse.at_boundary and b"\r" not in chunk:
+        if self._ready and self._decoder is None and self._sse.at_boundary and b"\r" not in chunk:
             quiet = self._quiet_blocks(chunk)
             if quiet == len(chunk):  # whole blocks with nothing to learn and nothing to cut: undecoded
                 self._skip(chunk)

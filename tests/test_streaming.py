@@ -927,3 +927,17 @@ async def test_keepalive_comments_keep_a_slow_stream_inside_the_read_timeout(
     assert raw.data == keepalive * 4 + case.proxied_body
     assert row["outcome"] == "ok"
     assert row["ttft_ms"] >= 600
+
+
+def test_strip_only_tap_decodes_only_the_first_event_and_the_end_of_a_long_stream() -> None:
+    """The request path's share of a stream whose usage chunk is cut: the first event (the provider that
+    would spare the chunk), then only blocks that may hold an empty array."""
+    blocks = _lengthened(OPENAI_INCLUDE_USAGE, 500)
+    for per_read in (1, 10, 600):
+        reads = [b"".join(blocks[i : i + per_read]) for i in range(0, len(blocks), per_read)]
+        folding = StreamTap(new_record(), None, strip_usage_chunk=True)
+        expected = b"".join(folding.feed(read, 1.0) for read in reads) + folding.close(2.0)
+        tap = StreamTap(new_record(), None, strip_usage_chunk=True, strip_only=True)
+        assert b"".join(tap.feed(read, 1.0) for read in reads) + tap.close(2.0) == expected
+        assert tap.stripped == folding.stripped == 1
+        assert tap.folder.data_events <= 2, (per_read, tap.folder.data_events)
