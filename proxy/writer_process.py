@@ -54,9 +54,11 @@ STAT_NAMES = (
 )
 
 
-def frame(message: Any) -> bytes:
+def frame(message: Any) -> list[bytes]:
+    """A message as (length header, pickle), for writelines: a frame of stream captures runs to
+    megabytes, and joining the two would copy it once more."""
     payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return HEADER.pack(len(payload)) + payload
+    return [HEADER.pack(len(payload)), payload]
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
@@ -124,6 +126,7 @@ class RecorderLink:
         self._config = config
         self._metrics = metrics
         self._backlog_bytes = config.database.writer_backlog_mb * 1024 * 1024
+        self._backlog_records = max(1, config.database.queue_max // 10)
         self.spool = Spool(default_spool_dir(config.database))  # read-only here: health lists its files
         self._outbox: list[CompletionRecord | CapturedCall] = []
         self._send_handle: asyncio.TimerHandle | None = None
@@ -163,25 +166,30 @@ class RecorderLink:
         raise AttributeError(name)
 
     def _behind(self) -> bool:
-        """True from when more than the configured backlog of frames waits for the child to read it
-        until less than half of it does (so a writer at its limit does not flip the mode every frame)."""
+        """True from when the child falls behind until it has caught up by half: more than the configured
+        backlog of frames waits for it to read, or more than a tenth of database.queue_max records wait
+        in it for the database. The second happens when the machine is saturated: the child reads and
+        parses at once, but at nice 10 it gets too little CPU left to write. Parsing here then slows the
+        serving process, which leaves the writer the CPU it needs, instead of letting records pile up."""
         process = self._process
         waiting = 0
         if process is not None and process.stdin is not None:
             waiting = process.stdin.transport.get_write_buffer_size()
+        queued = self._stats["queue_depth"]  # at the child's last report, 4 times a second
         if self._was_behind:
-            if waiting < self._backlog_bytes // 2:
+            if waiting < self._backlog_bytes // 2 and queued < self._backlog_records // 2:
                 self._was_behind = False
-        elif waiting > self._backlog_bytes:
+        elif waiting > self._backlog_bytes or queued > self._backlog_records:
             self._was_behind = True
             self._behind_episodes += 1
             now = time.monotonic()
             if now - self._behind_logged_at >= BEHIND_LOG_INTERVAL:  # at most one warning a minute
                 self._behind_logged_at = now
                 log.warning(
-                    "writer process over %d MiB behind; the serving process parses calls until the backlog "
-                    "halves (%d such episode(s) since the last warning)",
-                    self._config.database.writer_backlog_mb,
+                    "writer process behind (%d MiB of frames unread, %d records not yet written); the "
+                    "serving process parses calls until that halves (%d such episode(s) since the last warning)",
+                    waiting // (1024 * 1024),
+                    queued,
                     self._behind_episodes,
                 )
                 self._behind_episodes = 0
@@ -274,7 +282,7 @@ class RecorderLink:
         if process is None or process.stdin is None or process.returncode is not None:
             return False
         try:
-            process.stdin.write(frame(message))
+            process.stdin.writelines(frame(message))
         except (ConnectionError, RuntimeError):
             return False
         return True
@@ -363,7 +371,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
         nonlocal summary
         state = {name: getattr(recorder, name) for name in STAT_NAMES}
         state["received"] = received
-        writer.write(frame(("stats", state, [summary] if summary.requests else [])))
+        writer.writelines(frame(("stats", state, [summary] if summary.requests else [])))
         summary = BatchSummary()
 
     async def report() -> None:
@@ -375,9 +383,9 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(TimeoutError):
             await recorder.wait_idle(3600)
         stats()
-        writer.write(frame(("idle", token)))
+        writer.writelines(frame(("idle", token)))
 
-    writer.write(frame(("ready",)))
+    writer.writelines(frame(("ready",)))
     reporter = asyncio.create_task(report())
     pending: set[asyncio.Task[None]] = set()
     try:

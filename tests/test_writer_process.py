@@ -6,6 +6,7 @@ Each test runs the proxy as `serve` does, with a real writer child, on SQLite an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -17,6 +18,8 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from proxy.capture import redact_fingerprinted
 from proxy.completions import CompletionRecord
@@ -26,6 +29,7 @@ from .conftest import Ledger, make_config, start_ledger
 from .helpers import eventually
 from .payloads import OPENAI_BASIC
 from .stream_payloads import CASES, OPENAI_INCLUDE_USAGE, OPENROUTER
+from .test_reliability import HeldLock
 from .upstream import FakeUpstream, json_reply, sse_reply
 
 KEY = "sk-test-writer-process-0123456789"
@@ -229,3 +233,62 @@ async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_cop
     assert rows[1]["completion_id"] == OPENAI_INCLUDE_USAGE.row["completion_id"]
     assert rows[1]["completion_tokens"] == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
     assert any("behind" in r.getMessage() for r in caplog.records)
+
+
+@contextlib.asynccontextmanager
+async def database_locked(database_url: str) -> AsyncIterator[None]:
+    """Another connection holds the completions table: the writer's inserts wait until it lets go."""
+    if database_url.startswith("sqlite"):
+        async with HeldLock(Path(make_url(database_url).database or "")):
+            yield
+        return
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            transaction = await conn.begin()
+            await conn.execute(text("LOCK TABLE completions IN ACCESS EXCLUSIVE MODE"))
+            yield
+            await transaction.rollback()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_writer_whose_database_lags_makes_the_serving_process_parse(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The child reads and parses every frame at once, so the pipe stays empty while records wait in it
+    for a slow database (on a saturated machine: a writer at nice 10 starved of CPU). Past a tenth of
+    queue_max records waiting, the serving process parses calls itself, which slows it down and leaves
+    the writer the CPU it lacks, instead of records piling up; every row still arrives."""
+    config = make_config(
+        upstream.url, database_url, tmp_path, database={"writer": "process", "queue_max": 30, "write_timeout": 30}
+    )
+    ledger = await start_ledger(config)
+    try:
+        link = ledger.recorder
+        sent: list[object] = []
+        send = link._send  # type: ignore[union-attr]
+
+        def spy(message: tuple[Any, ...]) -> bool:
+            if message[0] == "items":
+                sent.extend(message[1])
+            return bool(send(message))
+
+        link._send = spy  # type: ignore[union-attr]
+        async with aiohttp.ClientSession() as session, database_locked(database_url):
+            for _ in range(40):
+                async with session.post(ledger.url + CHAT, json={"model": "gpt-4o"}) as response:
+                    assert response.status == 200
+                    await response.read()
+                await asyncio.sleep(0.02)  # the child reports its queue 4 times a second
+            behind = link._was_behind  # type: ignore[union-attr]
+        rows = await ledger.rows(count=40, patience=30)
+    finally:
+        await ledger.stop()
+    assert behind
+    parsed_here = [item for item in sent if isinstance(item, CompletionRecord)]
+    assert type(sent[0]) is tuple
+    assert 0 < len(parsed_here) < 40
+    assert len(rows) == 40
+    assert {row["completion_id"] for row in rows} == {OPENAI_BASIC["id"]}
+    assert any("records not yet written" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,141 @@
+"""`python -m bench.instructions`: CPU instructions per request of the passthrough and of chatledger, counted
+by valgrind's callgrind.
+
+Timings on a shared 2-core VM move by ±10% from run to run; an instruction count does not (the same code
+and request give the same count, whatever else the machine does). Each target runs under callgrind with
+counting off; after a warm-up, counting is switched on for a fixed number of requests (8 connections, the
+same request as `python -m bench`), then off. Only the serving process is counted: chatledger's writer
+process runs outside valgrind, and so does the kernel's share (syscalls), which is the same for both
+targets. Needs Debian's valgrind. Takes about 30 s per target and mode.
+
+Run: `python -m bench.instructions` (non-streaming), `--mode stream`, `--mode sdk-default`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from .__main__ import CHAT_PATH
+from .loadgen import AUTH
+from .payloads import request_body
+from .procs import Service, free_port, python_module
+from .upstream import nginx_command, nginx_config
+
+WARMUP_REQUESTS = 300
+CONNECTIONS = 8
+
+
+async def _send(url: str, body: bytes, count: int) -> None:
+    """`count` requests over CONNECTIONS keep-alive connections, each response read to the end."""
+    left = count
+    headers = {"Authorization": AUTH, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONNECTIONS)) as session:
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"{url}: HTTP {response.status}")
+
+        await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
+
+
+def _control(pid: int, *options: str) -> None:
+    subprocess.run(["callgrind_control", *options, str(pid)], capture_output=True, check=True, timeout=120)
+
+
+def _total(out_dir: Path) -> int:
+    """Instructions in the dump written while counting was on (the largest callgrind output file)."""
+    dumps = sorted(out_dir.glob("callgrind.out*"), key=lambda path: path.stat().st_size)
+    for line in dumps[-1].read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {dumps[-1]}")
+
+
+def count(name: str, command: list[str], port: int, body: bytes, requests: int, work: Path) -> int:
+    out_dir = work / name
+    out_dir.mkdir()
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out_dir}/callgrind.out.%p",
+        *command,
+    ]
+    service = Service(name, valgrind, port, out_dir / "log", health=None)
+    service.start(timeout=300)
+    try:
+        url = f"http://127.0.0.1:{port}{CHAT_PATH}"
+        asyncio.run(_send(url, body, WARMUP_REQUESTS))
+        time.sleep(0.5)
+        _control(service.pid, "-i", "on")
+        asyncio.run(_send(url, body, requests))
+        _control(service.pid, "-i", "off")
+        _control(service.pid, "-d")
+    finally:
+        service.stop(timeout=120)
+    return _total(out_dir) // requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--mode", choices=("json", "stream", "sdk-default"), default="json")
+    parser.add_argument("--requests", type=int, default=2000, help="requests counted per target (default 2000)")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    stream = args.mode != "json"
+    body = request_body(stream, include_usage=args.mode != "sdk-default")
+    work = Path(tempfile.mkdtemp(prefix="chatledger-instructions-"))
+    port = free_port()
+    upstream_command = None if stream else nginx_command(nginx_config(port, work / "nginx"))
+    if upstream_command is None:
+        upstream_command = python_module("bench.upstream", "--port", str(port))
+    upstream = Service("upstream", upstream_command, port, work / "upstream.log")
+    upstream.start()
+    upstream_url = f"http://127.0.0.1:{port}"
+    results: dict[str, int] = {}
+    try:
+        target_port = free_port()
+        results["passthrough"] = count(
+            "passthrough",
+            python_module("bench.passthrough", "--port", str(target_port), "--upstream", upstream_url),
+            target_port,
+            body,
+            args.requests,
+            work,
+        )
+        target_port = free_port()
+        results["chatledger"] = count(
+            "chatledger",
+            python_module(
+                "proxy", "serve", "--port", str(target_port), "--upstream", upstream_url,
+                "--database", str(work / "ledger.db"),
+            ),
+            target_port,
+            body,
+            args.requests,
+            work,
+        )
+    finally:
+        upstream.stop()
+    base = results["passthrough"]
+    print(f"instructions per request, {args.mode}, serving process only ({args.requests} requests, work dir {work}):")
+    for name, value in results.items():
+        print(f"  {name:<12} {value:>12,}  ({value / base:.3f}x passthrough)")
+
+
+if __name__ == "__main__":
+    main()
