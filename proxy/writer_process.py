@@ -56,7 +56,7 @@ STAT_NAMES = (
 
 def frame(message: Any) -> list[bytes]:
     """A message as (length header, pickle), for writelines: a frame of stream captures runs to
-    megabytes, and joining the two would copy it once more."""
+    megabytes, and uvloop's pipes write the two without joining them (asyncio's join them)."""
     payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return [HEADER.pack(len(payload)), payload]
 
@@ -126,7 +126,9 @@ class RecorderLink:
         self._config = config
         self._metrics = metrics
         self._backlog_bytes = config.database.writer_backlog_mb * 1024 * 1024
-        self._backlog_records = max(1, config.database.queue_max // 10)
+        # more than a batch, and a tenth of the records the child may hold
+        queue_max = config.database.queue_max
+        self._backlog_records = min(queue_max, max(config.database.batch_max, queue_max // 10))
         self.spool = Spool(default_spool_dir(config.database))  # read-only here: health lists its files
         self._outbox: list[CompletionRecord | CapturedCall] = []
         self._send_handle: asyncio.TimerHandle | None = None
@@ -167,17 +169,18 @@ class RecorderLink:
 
     def _behind(self) -> bool:
         """True from when the child falls behind until it has caught up by half: more than the configured
-        backlog of frames waits for it to read, or more than a tenth of database.queue_max records wait
-        in it for the database. The second happens when the machine is saturated: the child reads and
+        backlog of frames waits for it to read, or more records wait in it for the database than a batch
+        and a tenth of database.queue_max. The second happens when the machine is saturated: the child reads and
         parses at once, but at nice 10 it gets too little CPU left to write. Parsing here then slows the
-        serving process, which leaves the writer the CPU it needs, instead of letting records pile up."""
+        serving process, which leaves the writer the CPU it needs, instead of letting records pile up.
+        A slow database trips it too; parsing here then costs CPU and helps nothing, but loses nothing."""
         process = self._process
         waiting = 0
         if process is not None and process.stdin is not None:
             waiting = process.stdin.transport.get_write_buffer_size()
         queued = self._stats["queue_depth"]  # at the child's last report, 4 times a second
         if self._was_behind:
-            if waiting < self._backlog_bytes // 2 and queued < self._backlog_records // 2:
+            if waiting < self._backlog_bytes // 2 and queued <= self._backlog_records // 2:
                 self._was_behind = False
         elif waiting > self._backlog_bytes or queued > self._backlog_records:
             self._was_behind = True
@@ -260,10 +263,10 @@ class RecorderLink:
     def _send_outbox(self) -> None:
         """Send the outbox as one frame.
 
-        While the child has more than database.writer_backlog_mb of frames unread (a burst, or a CPU too
-        busy to give it its share), captured calls are parsed here before they go: the serving process
-        then pays for parsing, as the in-process writer does, which slows it to a pace the writer can
-        follow instead of letting raw copies pile up in memory without bound.
+        While the child is behind (see _behind: frames unread, or records not yet written), captured
+        calls are parsed here before they go: the serving process then pays for parsing, as the
+        in-process writer does, which slows it to a pace the writer can follow instead of letting raw
+        copies or records pile up in memory.
         """
         if self._send_handle is not None:
             self._send_handle.cancel()
@@ -431,7 +434,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(10)  # the serving process wins when both want a core; a writer that falls behind
-        # hands parsing back to it (RecorderLink.submit), so a starved writer cannot pile up memory
+        # hands parsing back to it (RecorderLink._send_outbox), so a starved writer cannot pile up memory
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:

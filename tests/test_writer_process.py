@@ -257,12 +257,11 @@ async def test_a_writer_whose_database_lags_makes_the_serving_process_parse(
     upstream: FakeUpstream, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The child reads and parses every frame at once, so the pipe stays empty while records wait in it
-    for a slow database (on a saturated machine: a writer at nice 10 starved of CPU). Past a tenth of
-    queue_max records waiting, the serving process parses calls itself, which slows it down and leaves
+    for a slow database (on a saturated machine: a writer at nice 10 starved of CPU). Past a batch and a
+    tenth of queue_max records waiting, the serving process parses calls itself, which slows it down and leaves
     the writer the CPU it lacks, instead of records piling up; every row still arrives."""
-    config = make_config(
-        upstream.url, database_url, tmp_path, database={"writer": "process", "queue_max": 30, "write_timeout": 30}
-    )
+    database = {"writer": "process", "queue_max": 30, "batch_max": 3, "write_timeout": 30}
+    config = make_config(upstream.url, database_url, tmp_path, database=database)
     ledger = await start_ledger(config)
     try:
         link = ledger.recorder
