@@ -58,10 +58,10 @@ def _control(pid: int, *options: str) -> None:
 def _total(out_dir: Path) -> int:
     """Instructions in the dump written while counting was on (the largest callgrind output file)."""
     dumps = sorted(out_dir.glob("callgrind.out*"), key=lambda path: path.stat().st_size)
-    for line in dumps[-1].read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise RuntimeError(f"no instruction total in {dumps[-1]}")
+    totals = [int(line.split()[1]) for line in dumps[-1].read_text().splitlines() if line.startswith("totals:")]
+    if not totals or not totals[-1]:
+        raise RuntimeError(f"no instruction total in {dumps[-1]}")
+    return totals[-1]
 
 
 def count(name: str, command: list[str], port: int, body: bytes, requests: int, work: Path) -> int:
