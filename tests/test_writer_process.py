@@ -200,6 +200,20 @@ def test_redaction_by_fingerprint_finds_the_key_and_nothing_else() -> None:
     assert redact_fingerprinted(orjson.dumps({"k": 1}).decode(), fingerprint, len(key)) == '{"k":1}'
 
 
+def items_sent(link: Any) -> list[object]:
+    """Every item the RecorderLink sends its child from now on, as it goes into the pipe."""
+    sent: list[object] = []
+    send = link._send
+
+    def spy(message: tuple[Any, ...]) -> bool:
+        if message[0] == "items":
+            sent.extend(message[1])
+        return bool(send(message))
+
+    link._send = spy
+    return sent
+
+
 async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_copies(
     upstream: FakeUpstream, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -209,15 +223,7 @@ async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_cop
     try:
         link = ledger.recorder
         link._backlog_bytes = -1  # type: ignore[union-attr]  # always "behind": the serving process parses
-        sent: list[object] = []
-        send = link._send  # type: ignore[union-attr]
-
-        def spy(message: tuple[Any, ...]) -> bool:
-            if message[0] == "items":
-                sent.extend(message[1])
-            return bool(send(message))
-
-        link._send = spy  # type: ignore[union-attr]
+        sent = items_sent(link)
         async with aiohttp.ClientSession() as session:
             async with session.post(ledger.url + CHAT, json={"model": "gpt-4o"}) as response:
                 await response.read()
@@ -265,15 +271,7 @@ async def test_a_writer_whose_database_lags_makes_the_serving_process_parse(
     ledger = await start_ledger(config)
     try:
         link = ledger.recorder
-        sent: list[object] = []
-        send = link._send  # type: ignore[union-attr]
-
-        def spy(message: tuple[Any, ...]) -> bool:
-            if message[0] == "items":
-                sent.extend(message[1])
-            return bool(send(message))
-
-        link._send = spy  # type: ignore[union-attr]
+        sent = items_sent(link)
         async with aiohttp.ClientSession() as session, database_locked(database_url):
             for _ in range(40):
                 async with session.post(ledger.url + CHAT, json={"model": "gpt-4o"}) as response:
