@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from .completions import CompletionRecord, parse_completion_body
 from .request_facts import RequestFacts, header_user, inspect_request, parse_tags
-from .taps import MAX_PARSED_BODY, BodyTap, StreamTap
+from .taps import MAX_PARSED_BODY, BodyTap, StreamTap, is_identity
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,7 @@ def _materialize(exchange: Exchange) -> CompletionRecord:
 
 def _tail_kept(exchange: Exchange) -> bool:
     """An uncompressed event stream over MAX_PARSED_BODY keeps its head and last reads: still foldable."""
-    encoding = (exchange.encoding or "identity").strip().lower()
-    return exchange.gap_at >= 0 and exchange.times is not None and encoding in ("", "identity")
+    return exchange.gap_at >= 0 and exchange.times is not None and is_identity(exchange.encoding)
 
 
 def new_record(

@@ -106,30 +106,36 @@ DROPPED_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "transfer-enco
 FEW_HEADERS = 8
 
 
-def _lowercase_names(headers: Any) -> str:
-    return "\n".join(headers.keys()).lower()  # in C: a loop calling lower() on each costs more
+def _fast_copy(
+    headers: Any, unusual: frozenset[str], dropped: frozenset[str]
+) -> tuple[CIMultiDict[str] | None, str]:
+    """(a copy of the headers without the `dropped` names, their lowercased names joined by newlines), or
+    (None, "") when the
+    headers need the one-at-a-time filter: fewer than FEW_HEADERS (the loop costs less), an `unusual`
+    name, or a Connection header naming others. The names are lowercased and checked as one set, and
+    the copy is made in C, instead of a Python loop over every header (an SDK sends fifteen or more)."""
+    if len(headers) < FEW_HEADERS:
+        return None, ""
+    joined = "\n".join(headers.keys()).lower()  # in C: lower() on each name costs more
+    names = joined.split("\n")
+    if not unusual.isdisjoint(names) or ("connection" in names and _connection_named(headers)):
+        return None, ""
+    out = CIMultiDict(headers)
+    for name in dropped.intersection(names):
+        del out[name]
+    return out, joined
 
 
 def forwardable_request_headers(headers: Any) -> tuple[CIMultiDict[str], str | None]:
-    """The headers to send upstream, and why the request must be refused (a host-steering header).
-
-    Usual requests take the fast path: the names are checked as one set, then copied in C with the
-    few dropped ones deleted, instead of a Python loop over every header (an SDK sends fifteen or more;
-    below FEW_HEADERS the loop costs less)."""
-    if len(headers) < FEW_HEADERS:
+    """The headers to send upstream, and why the request must be refused (a host-steering header)."""
+    out, joined = _fast_copy(headers, UNUSUAL_REQUEST_HEADERS, DROPPED_REQUEST_HEADERS)
+    if out is None:
         return filter_request_headers(headers)
-    joined = _lowercase_names(headers)
-    names = joined.split("\n")
-    if UNUSUAL_REQUEST_HEADERS.isdisjoint(names) and not ("connection" in names and _connection_named(headers)):
-        out = CIMultiDict(headers)
-        for name in DROPPED_REQUEST_HEADERS.intersection(names):
-            del out[name]
-        if "x-ledger-" in joined:
-            for name in names:
-                if name.startswith("x-ledger-"):
-                    out.popall(name, None)
-        return out, None
-    return filter_request_headers(headers)
+    if "x-ledger-" in joined:  # the proxy's own headers are not forwarded
+        for name in joined.split("\n"):
+            if name[:9] == "x-ledger-":
+                out.popall(name, None)
+    return out, None
 
 
 def filter_request_headers(headers: Any) -> tuple[CIMultiDict[str], str | None]:
@@ -147,16 +153,9 @@ def filter_request_headers(headers: Any) -> tuple[CIMultiDict[str], str | None]:
 
 
 def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
-    """The upstream's headers for the client, without hop-by-hop ones; fast path as for requests."""
-    if len(headers) < FEW_HEADERS:
-        return filter_response_headers(headers)
-    names = _lowercase_names(headers).split("\n")
-    if UNUSUAL_RESPONSE_HEADERS.isdisjoint(names) and not ("connection" in names and _connection_named(headers)):
-        out = CIMultiDict(headers)
-        for name in DROPPED_RESPONSE_HEADERS.intersection(names):
-            del out[name]
-        return out
-    return filter_response_headers(headers)
+    """The upstream's headers for the client, without hop-by-hop ones."""
+    out, _ = _fast_copy(headers, UNUSUAL_RESPONSE_HEADERS, DROPPED_RESPONSE_HEADERS)
+    return filter_response_headers(headers) if out is None else out
 
 
 def filter_response_headers(headers: Any) -> CIMultiDict[str]:
@@ -188,7 +187,7 @@ def read_failure(exc: BaseException) -> tuple[str, str]:
 
 
 async def _salvage(
-    response: web.StreamResponse, stream_tap: StreamTap | _Copy | _StrippedCopy | None, failure: tuple[str, str]
+    response: web.StreamResponse, stream_tap: _Copy | _StrippedCopy | None, failure: tuple[str, str]
 ) -> tuple[str, str]:
     """The upstream failed mid-stream: fold what was seen and pass on bytes the tap still held back."""
     if stream_tap is not None:
@@ -266,8 +265,9 @@ class _Copy:
 
     def reads(self) -> tuple[list[bytes], list[float] | None]:
         """The reads kept, and their times: the tail of an overflowed stream after its head."""
-        if self.tail is None or self.times is None:
+        if self.tail is None:
             return self.chunks, self.times
+        assert self.times is not None  # only an event stream keeps a tail
         return self.chunks + [c for c, _ in self.tail], self.times + [t for _, t in self.tail]
 
     def close(self, now: float, complete: bool = True) -> bytes:
@@ -560,7 +560,7 @@ class Forwarder:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         response: web.StreamResponse,
-        stream_tap: StreamTap | _Copy | _StrippedCopy | None,
+        stream_tap: _Copy | _StrippedCopy | None,
         body_tap: BodyTap | None,
     ) -> tuple[str, str] | None:
         """Copy the body to the client read by read; returns (outcome, reason) if either side failed.

@@ -26,10 +26,19 @@ class UnsupportedEncoding(ValueError):
     pass
 
 
+def _normalized(encoding: str | None) -> str:
+    return (encoding or "identity").strip().lower() or "identity"
+
+
+def is_identity(encoding: str | None) -> bool:
+    """A Content-Encoding that leaves the bytes as they are (none given counts)."""
+    return _normalized(encoding) == "identity"
+
+
 def make_decompressor(encoding: str | None) -> Decompressor | None:
     """A decoder for a Content-Encoding, None for identity; UnsupportedEncoding for anything else."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding in ("", "identity"):
+    encoding = _normalized(encoding)
+    if encoding == "identity":
         return None
     if encoding in ("gzip", "x-gzip"):
         return zlib.decompressobj(16 + zlib.MAX_WBITS)

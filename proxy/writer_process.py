@@ -299,8 +299,8 @@ class RecorderLink:
             kind = message[0]
             if kind == "stats":
                 self._stats.update(message[1])
-                for summary in message[2]:
-                    self._metrics.apply(summary)
+                if message[2] is not None:
+                    self._metrics.apply(message[2])
             elif kind == "idle":
                 waiter = self._waiters.get(message[1])
                 if waiter is not None and not waiter.done():
@@ -374,7 +374,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
         nonlocal summary
         state = {name: getattr(recorder, name) for name in STAT_NAMES}
         state["received"] = received
-        writer.writelines(frame(("stats", state, [summary] if summary.requests else [])))
+        writer.writelines(frame(("stats", state, summary if summary.requests else None)))
         summary = BatchSummary()
 
     async def report() -> None:
