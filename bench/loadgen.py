@@ -42,7 +42,7 @@ class Stats:
         self.first_error = self.first_error or message
 
 
-async def _stream(response: aiohttp.ClientResponse, stats: Stats, stamped: bool) -> bool:
+async def _stream(response: aiohttp.ClientResponse, stats: Stats, stamped: bool, cut_allowed: bool) -> bool:
     buffer = b""
     events = 0
     done = False
@@ -64,7 +64,7 @@ async def _stream(response: aiohttp.ClientResponse, stats: Stats, stamped: bool)
                     stats.event_latencies.append((now - int(event[at + 5 : at + 24])) / 1e6)
     stats.events += events
     # chatledger cuts the usage chunk out when it asked for it (requests sent with --no-include-usage)
-    return done and events in (STREAM_EVENTS, STREAM_EVENTS - 1)
+    return done and (events == STREAM_EVENTS or (cut_allowed and events == STREAM_EVENTS - 1))
 
 
 async def _worker(
@@ -85,7 +85,7 @@ async def _worker(
                     stats.error(f"HTTP {response.status}")
                     continue
                 if args.stream:
-                    ok = await _stream(response, stats, stamped)
+                    ok = await _stream(response, stats, stamped, cut_allowed=args.no_include_usage)
                 else:
                     ok = len(await response.read()) == len(COMPLETION_BODY)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
