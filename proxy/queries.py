@@ -50,6 +50,12 @@ PERCENTILES = (0.5, 0.95)
 MAX_UNION_ARMS = 200
 MAX_WANTED_RANKS = 8000
 MIN_PREFIX = 6
+
+
+def short_id(request_id: str) -> str:
+    """What `logs` prints for a request id: its last 8 characters. Request ids are UUIDv7, whose first 8
+    characters are the time and are the same for every call in the same minute; the end is random."""
+    return request_id[-8:]
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _HASH = re.compile(r"[0-9a-f]{16}")
@@ -276,10 +282,12 @@ async def fetch_completions(
 
 async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, Any]]:
     """The completion with this request_id, else those with this upstream completion id, else those whose
-    request_id starts with `ident` (the 8-character prefix `logs` prints); newest first."""
+    request_id ends with `ident` (the short id `logs` prints) or starts with it; newest first. A suffix
+    match reads the whole table (no index helps), which an interactive lookup can afford."""
     ident = ident.strip()
     conditions = [c.request_id == ident, c.completion_id == ident]
     if MIN_PREFIX <= len(ident) < 36:
+        conditions.append(c.request_id.endswith(ident, autoescape=True))
         conditions.append(c.request_id.startswith(ident, autoescape=True))
     for condition in conditions:
         rows = (await conn.execute(select(completions_table).where(condition).order_by(c.id.desc()))).all()

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .pricing import RATE_FIELDS, PriceEntry
-from .queries import COLUMNS, Filters, Stats, StatsRow, iter_completions, to_json
+from .queries import COLUMNS, Filters, Stats, StatsRow, iter_completions, short_id, to_json
 
 MAX_CELL = 40
 
@@ -75,7 +75,7 @@ def format_logs(rows: Sequence[dict[str, Any]]) -> str:
         finish = ",".join(str(ch["finish_reason"]) for ch in row["choices"] if ch["finish_reason"])
         lines.append(
             (
-                row["request_id"][:8],
+                short_id(row["request_id"]),
                 when(row["started_at"]),
                 row["model"] or row["requested_model"],
                 status,

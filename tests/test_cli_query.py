@@ -86,9 +86,9 @@ async def test_logs_table(seeded: Seeded, capsys: pytest.CaptureFixture[str]) ->
         "USER",
     ]
     newest = seeded.newest()
-    assert [line.split()[0] for line in lines[1:]] == [row["request_id"][:8] for row in newest[:20]]
+    assert [line.split()[0] for line in lines[1:]] == [row["request_id"][-8:] for row in newest[:20]]
     row = next(r for r in newest[:20] if r["model"] and r["cost"] is not None and r["user"])
-    line = next(line for line in lines if line.startswith(row["request_id"][:8])).split()
+    line = next(line for line in lines if line.startswith(row["request_id"][-8:])).split()
     assert line[1:3] == row["started_at"].strftime("%Y-%m-%d %H:%M:%S").split()
     assert line[3] == row["model"]
     assert line[4:6] == [str(row["status_code"]), row["outcome"]]
@@ -134,7 +134,8 @@ async def test_every_filter_flag(seeded: Seeded, capsys: pytest.CaptureFixture[s
 
 async def test_logs_show(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
     target = next(row for row in seeded.rows if len(row["choices"]) == 2 and row["tags"])
-    for ident in (target["request_id"], target["completion_id"], target["request_id"][:8]):
+    request_id = target["request_id"]
+    for ident in (request_id, target["completion_id"], request_id[-8:], request_id[:8]):
         code, out, _ = await run_cli(capsys, "logs", "show", ident, "--database", seeded.url)
         assert code == 0
         fields = dict(line.split(None, 1) for line in out.splitlines() if not line.startswith("choice"))

@@ -25,8 +25,9 @@ from proxy.queries import (
     iter_completions,
     parse_filters,
     parse_time,
+    short_id,
 )
-from proxy.request_facts import key_fingerprint
+from proxy.request_facts import key_fingerprint, new_request_id
 
 from .querydata import (
     KEY_LABELS,
@@ -215,7 +216,8 @@ async def test_rows_have_every_column_and_their_choices(seeded: Seeded) -> None:
 async def test_fetch_one_by_request_id_completion_id_or_prefix(seeded: Seeded) -> None:
     target = next(row for row in seeded.rows if len(row["choices"]) == 2)
     async with seeded.engine.connect() as conn:
-        for ident in (target["request_id"], target["completion_id"], target["request_id"][:8]):
+        request_id = target["request_id"]
+        for ident in (request_id, target["completion_id"], request_id[-8:], request_id[:8]):
             found = await fetch_completion(conn, ident)
             assert [row["id"] for row in found] == [target["id"]], ident
             assert [c["finish_reason"] for c in found[0]["choices"]] == [
@@ -223,6 +225,15 @@ async def test_fetch_one_by_request_id_completion_id_or_prefix(seeded: Seeded) -
             ]
         assert await fetch_completion(conn, "no-such-id") == []
         assert await fetch_completion(conn, "%%%%%%") == []  # a prefix is not a LIKE pattern
+
+
+def test_short_ids_tell_apart_calls_of_the_same_minute() -> None:
+    """Request ids are UUIDv7: their first characters are the time, the same for every call in a minute,
+    so the short id `logs` prints (and `logs show` takes) is the random end."""
+    ids = [new_request_id() for _ in range(200)]  # 32 random bits each: a repeat is a 1-in-200,000 chance
+    assert len({request_id[:8] for request_id in ids}) <= 2
+    assert len({short_id(request_id) for request_id in ids}) == len(ids)
+    assert all(request_id.endswith(short_id(request_id)) for request_id in ids)
 
 
 def _compare_stats(found: Any, rows: list[dict[str, Any]], by: str, exact_cost: bool) -> None:
