@@ -97,9 +97,7 @@ def python_load(
         command.append("--stream")
     if not include_usage:
         command.append("--no-include-usage")
-    out = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, timeout=duration + 120, check=False
-    )
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=duration + 120, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr[-1000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -180,9 +178,7 @@ class Bench:
         elif self.wrk:
             result = run_wrk(url, self.scripts[mode], connections, duration)
         else:
-            result = python_load(
-                url, connections, duration, stream=mode == "stream", include_usage=self.include_usage
-            )
+            result = python_load(url, connections, duration, stream=mode == "stream", include_usage=self.include_usage)
         cpu = cpu_seconds(pid) - cpu0
         busy1, total1 = machine_busy()
         own = sum(cpu_seconds(p) for p in self.own_pids) + _self_and_waited_children() - own0
@@ -227,6 +223,7 @@ class Bench:
                         "completed": 0,
                         "slack": 0,
                         "errors": 0,
+                        "workers": workers,
                     }
                 )
             time.sleep(1.0)  # let N>1 workers all bind before measuring
@@ -250,11 +247,7 @@ class Bench:
                         f"1c p50 {lat.get('event_p50_ms') or lat['p50_ms']:.3f} ms  "
                         f"cpu {thr['cpu_pct']:.0f}%  machine {thr['machine_pct']:.0f}%  "
                         f"background {thr['background_pct']:.0f}%"
-                        + (
-                            f"  errors {thr['errors'] + lat['errors']}"
-                            if thr["errors"] + lat["errors"]
-                            else ""
-                        ),
+                        + (f"  errors {thr['errors'] + lat['errors']}" if thr["errors"] + lat["errors"] else ""),
                         flush=True,
                     )
             for target in targets:
@@ -263,6 +256,8 @@ class Bench:
             for target in targets:
                 if target.get("service") is not None:
                     target["catch_up_s"] = wait_caught_up(target)
+                    if target["workers"] == 1:  # with more, /metrics answers for one worker at a time
+                        target["parsed_in_server"] = parsed_in_server(target["url"])
                     target["exit_code"] = target["service"].stop()
                     target.update(count_rows(target["database"]))
         finally:
@@ -298,6 +293,19 @@ def wait_caught_up(target: dict[str, Any], timeout: float = 120.0) -> float | No
         if idle_reads >= 6:
             return round(time.monotonic() - start, 1)
         time.sleep(0.25)
+    return None
+
+
+def parsed_in_server(url: str) -> int | None:
+    """Calls the serving process parsed itself because its writer process was behind (from /metrics)."""
+    try:
+        with urllib.request.urlopen(url + "/_ledger/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("chatledger_calls_parsed_in_server_total "):
+            return int(float(line.split()[1]))
     return None
 
 
@@ -350,13 +358,9 @@ def versions() -> dict[str, str]:
         path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
         if path:
             out = subprocess.run([path, flag], capture_output=True, text=True, check=False)
-            found[tool] = (
-                (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr) else "?"
-            )
+            found[tool] = (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr) else "?"
     try:
-        model = next(
-            ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")
-        )
+        model = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
         found["cpu"] = model.split(":", 1)[1].strip()
     except (OSError, StopIteration):
         pass

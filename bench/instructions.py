@@ -4,9 +4,9 @@ by valgrind's callgrind.
 Timings on a shared 2-core VM move by ±10% from run to run; an instruction count does not (the same code
 and request give the same count, whatever else the machine does). Each target runs under callgrind with
 counting off; after a warm-up, counting is switched on for a fixed number of requests (8 connections, the
-same request as `python -m bench`), then off. Only the serving process is counted: chatledger's writer
-process runs outside valgrind, and so does the kernel's share (syscalls), which is the same for both
-targets. Needs Debian's valgrind. Takes about 30 s per target and mode.
+same request as `python -m bench`), then off. Only the serving process is counted unless `--writer` is
+given (chatledger's writer process then runs under callgrind too, and is counted apart); the kernel's
+share (syscalls) is never counted. Needs Debian's valgrind. Takes about 30 s per target and mode.
 
 Run: `python -m bench.instructions` (non-streaming), `--mode stream`, `--mode sdk-default`.
 """
@@ -26,7 +26,7 @@ import aiohttp
 from .__main__ import CHAT_PATH
 from .loadgen import AUTH
 from .payloads import request_body
-from .procs import Service, free_port, python_module
+from .procs import Service, _children, free_port, python_module
 from .upstream import nginx_command, nginx_config
 
 WARMUP_REQUESTS = 300
@@ -55,22 +55,26 @@ def _control(pid: int, *options: str) -> None:
     subprocess.run(["callgrind_control", *options, str(pid)], capture_output=True, check=True, timeout=120)
 
 
-def _total(out_dir: Path) -> int:
-    """Instructions in the dump written while counting was on (the largest callgrind output file)."""
-    dumps = sorted(out_dir.glob("callgrind.out*"), key=lambda path: path.stat().st_size)
+def _total(out_dir: Path, pid: int) -> int:
+    """Instructions in the dump written while counting was on (the process's largest callgrind output)."""
+    dumps = sorted(out_dir.glob(f"callgrind.out.{pid}*"), key=lambda path: path.stat().st_size)
     totals = [int(line.split()[1]) for line in dumps[-1].read_text().splitlines() if line.startswith("totals:")]
     if not totals or not totals[-1]:
         raise RuntimeError(f"no instruction total in {dumps[-1]}")
     return totals[-1]
 
 
-def count(name: str, command: list[str], port: int, body: bytes, requests: int, work: Path) -> int:
+def count(
+    name: str, command: list[str], port: int, body: bytes, requests: int, work: Path, children: bool = False
+) -> list[int]:
+    """Instructions per request of the process, then of each child process when `children` (the writer)."""
     out_dir = work / name
     out_dir.mkdir()
     valgrind = [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
+        f"--trace-children={'yes' if children else 'no'}",
         f"--callgrind-out-file={out_dir}/callgrind.out.%p",
         *command,
     ]
@@ -80,19 +84,27 @@ def count(name: str, command: list[str], port: int, body: bytes, requests: int, 
         url = f"http://127.0.0.1:{port}{CHAT_PATH}"
         asyncio.run(_send(url, body, WARMUP_REQUESTS))
         time.sleep(0.5)
-        _control(service.pid, "-i", "on")
+        pids = [service.pid, *(_children(service.pid) if children else [])]
+        for pid in pids:
+            _control(pid, "-i", "on")
         asyncio.run(_send(url, body, requests))
-        _control(service.pid, "-i", "off")
-        _control(service.pid, "-d")
+        if children:
+            time.sleep(2.0)  # the writer's share of the last calls
+        for pid in pids:
+            _control(pid, "-i", "off")
+            _control(pid, "-d")
     finally:
         service.stop(timeout=120)
-    return _total(out_dir) // requests
+    return [_total(out_dir, pid) // requests for pid in pids]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--mode", choices=("json", "stream", "sdk-default"), default="json")
     parser.add_argument("--requests", type=int, default=2000, help="requests counted per target (default 2000)")
+    parser.add_argument(
+        "--writer", action="store_true", help="count chatledger's writer process too (it then runs under valgrind)"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
@@ -109,7 +121,7 @@ def main() -> None:
     results: dict[str, int] = {}
     try:
         target_port = free_port()
-        results["passthrough"] = count(
+        (results["passthrough"],) = count(
             "passthrough",
             python_module("bench.passthrough", "--port", str(target_port), "--upstream", upstream_url),
             target_port,
@@ -118,23 +130,34 @@ def main() -> None:
             work,
         )
         target_port = free_port()
-        results["chatledger"] = count(
+        counts = count(
             "chatledger",
             python_module(
-                "proxy", "serve", "--port", str(target_port), "--upstream", upstream_url,
-                "--database", str(work / "ledger.db"),
+                "proxy",
+                "serve",
+                "--port",
+                str(target_port),
+                "--upstream",
+                upstream_url,
+                "--database",
+                str(work / "ledger.db"),
             ),
             target_port,
             body,
             args.requests,
             work,
+            children=args.writer,
         )
+        results["chatledger"] = counts[0]
+        if args.writer:
+            results["writer"] = counts[1]
     finally:
         upstream.stop()
     base = results["passthrough"]
-    print(f"instructions per request, {args.mode}, serving process only ({args.requests} requests, work dir {work}):")
+    print(f"instructions per request, {args.mode} ({args.requests} requests, work dir {work}):")
     for name, value in results.items():
-        print(f"  {name:<12} {value:>12,}  ({value / base:.3f}x passthrough)")
+        label = {"chatledger": "chatledger (serving process)", "writer": "chatledger's writer process"}.get(name, name)
+        print(f"  {label:<30} {value:>12,}  ({value / base:.3f}x passthrough)")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from .__main__ import Bench, parse_args
-from .procs import cpu_seconds
+from .procs import CLOCK_TICKS, _children
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _own_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (not its children)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _package(file: str) -> str:
@@ -124,9 +131,7 @@ def diff(first: Path, second: Path, top: int = 30) -> str:
     runs = []
     for base in (first, second):
         meta = json.loads(base.with_suffix(".json").read_text())
-        runs.append(
-            (meta, parse(base.with_suffix(".raw.txt")), 1e6 / (meta["rate"] * meta["rps"] * meta["seconds"]))
-        )
+        runs.append((meta, parse(base.with_suffix(".raw.txt")), 1e6 / (meta["rate"] * meta["rps"] * meta["seconds"])))
     (meta_a, a, ua), (meta_b, b, ub) = runs
     out = [
         f"{meta_a['target']} - {meta_b['target']} ({meta_a['mode']}), GIL-holding µs per request:",
@@ -144,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--mode", choices=("json", "stream"), default="json")
     parser.add_argument("--target", choices=("chatledger", "passthrough"), default="chatledger")
+    parser.add_argument(
+        "--process",
+        choices=("serving", "writer"),
+        default="serving",
+        help="chatledger's serving process (default) or its writer process (one worker)",
+    )
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -190,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             "pid": service.pid,
         }
         bench.load(target, args.mode, args.connections, 2.0)  # warm-up
-        raw = out / f"{args.target}-{args.mode}.raw.txt"
+        name = f"{args.target}-{args.mode}" + ("-writer" if args.process == "writer" else "")
+        raw = out / f"{name}.raw.txt"
         result: dict[str, Any] = {}
 
         def load() -> None:
@@ -199,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         loader = threading.Thread(target=load)
         loader.start()
         time.sleep(0.5)
-        cpu0, t0 = cpu_seconds(service.pid), time.monotonic()
+        pid = service.pid
+        if args.process == "writer":
+            if args.target != "chatledger":
+                raise SystemExit("--process writer needs --target chatledger")
+            pid = _children(service.pid)[0]
+        cpu0, t0 = _own_cpu(pid), time.monotonic()
         command = [
             spy,
             "record",
             "--pid",
-            str(service.pid),
+            str(pid),
             "--rate",
             str(args.rate),
             "--duration",
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             str(raw),
         ]
         subprocess.run(command + ([] if args.all_threads else ["--gil"]), check=True, capture_output=True)
-        cpu, elapsed = cpu_seconds(service.pid) - cpu0, time.monotonic() - t0
+        cpu, elapsed = _own_cpu(pid) - cpu0, time.monotonic() - t0
         loader.join()
     finally:
         for service_ in reversed(services):
@@ -225,13 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     rps = result["rps"]
     cpu_us = cpu * 1e6 / (rps * elapsed) if rps else None
     header = (
-        f"{args.target} {args.mode}: {rps:,.0f} req/s at {args.connections} connections; process CPU "
+        f"{args.target} ({args.process} process) {args.mode}: {rps:,.0f} req/s at {args.connections} "
+        f"connections; process CPU "
         f"{100 * cpu / elapsed:.0f}% = {cpu_us or 0:.0f} µs/req while sampled; "
         + ("all threads" if args.all_threads else "samples of the thread holding the GIL only")
     )
     us_per_sample = 1e6 / (args.rate * rps * args.seconds) if rps else None
     report = header + "\n" + summarise(raw, us_per_sample)
-    (out / f"{args.target}-{args.mode}.txt").write_text(report + "\n")
+    (out / f"{name}.txt").write_text(report + "\n")
     meta = {
         "target": args.target,
         "mode": args.mode,
@@ -241,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_us_per_request": cpu_us,
         "gil_only": not args.all_threads,
     }
-    (out / f"{args.target}-{args.mode}.json").write_text(json.dumps(meta))
+    (out / f"{name}.json").write_text(json.dumps(meta))
     print(report)
     print(f"\nraw profile (speedscope / flamegraph.pl): {raw}")
     return 0

@@ -37,6 +37,8 @@ def rows_verdict(target: dict[str, Any]) -> str:
     catch_up = target.get("catch_up_s")
     if catch_up:  # the writer was behind when the load stopped
         verdict += f" (writer caught up {catch_up:g} s after load)"
+    if target.get("parsed_in_server"):
+        verdict += f" ({target['parsed_in_server']:,} parsed in the serving process)"
     return f"{rows:,} / {bounds} {verdict}"
 
 
@@ -120,9 +122,7 @@ def verdicts(mode: str, rows: list[dict[str, Any]]) -> list[str]:
     if direct is not None and direct["rps"] and reference["rps"]:
         ratio = direct["rps"] / max(r["rps"] or 0 for r in rows if r["name"] != "direct")
         flag = "ok" if ratio >= 2 else "WARNING: upstream may be the bottleneck"
-        out.append(
-            f"[{mode}] upstream direct {direct['rps']:,.0f} req/s = {ratio:.1f}x the fastest proxy ({flag})"
-        )
+        out.append(f"[{mode}] upstream direct {direct['rps']:,.0f} req/s = {ratio:.1f}x the fastest proxy ({flag})")
     for row in rows:
         if not row["name"].startswith("chatledger"):
             continue

@@ -73,6 +73,13 @@ class _WriterCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+        parsed_here = getattr(recorder, "calls_parsed_here", None)  # only with a writer process
+        if parsed_here is not None:
+            yield CounterMetricFamily(
+                "chatledger_calls_parsed_in_server",
+                "Calls the serving process parsed itself because its writer process was behind",
+                value=parsed_here,
+            )
 
 
 class _BucketedHistogram(Collector):

@@ -15,6 +15,7 @@ from .sse import SSEDecoder, SSEEvent
 MAX_PARSED_BODY = 16 * 1024 * 1024
 MAX_HELD_BYTES = 1024 * 1024
 SETTLE_BYTES = 2048  # a read longer than twice this is fed in two parts: the first may settle the fold
+SETTLE_BLOCKS = 16  # feed_all: events of one read fed one by one before the fold settles
 TAIL_BYTES = 2048  # what feed_all always parses of a settled stream: the finish, usage and [DONE] events
 
 
@@ -238,17 +239,26 @@ class StreamTap:
     def feed_all(self, chunks: list[bytes], times: list[float]) -> None:
         """Fold a whole captured stream (the writer's case: every read is already here).
 
-        Reads are fed one by one (a big one in two parts) until the folder is settled. Of the rest, only
-        the last TAIL_BYTES are parsed when StreamFolder.skippable proves that the part before them
-        changes nothing. Per-read times matter only until settled (first event, first content).
+        Until the folder is settled, reads are fed one event block at a time (at most SETTLE_BLOCKS of
+        a read; the rest of it whole): a read usually holds many events, and the first two or three
+        settle the fold. Of the rest, only the last TAIL_BYTES are parsed when StreamFolder.skippable
+        proves that the part before them changes nothing. Per-read times matter only until settled
+        (first event, first content).
         """
         pending: list[bytes] = []
+        folder = self.folder
         for index, (chunk, at) in enumerate(zip(chunks, times, strict=True)):
-            split = self._settling_split(chunk)
-            if split:
-                self._feed_read(chunk[:split], at)
-                chunk = chunk[split:]
-            if self.folder.settled:
+            start = 0
+            if self._decoder is None:
+                for _ in range(SETTLE_BLOCKS):
+                    end = chunk.find(b"\n\n", start) + 2
+                    if end < 2 or end >= len(chunk) or folder.settled:
+                        break
+                    self._feed_read(chunk[start:end], at)
+                    start = end
+            if start:
+                chunk = chunk[start:]
+            if folder.settled:
                 pending = [chunk, *chunks[index + 1 :]]
                 break
             self.feed(chunk, at)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -119,6 +120,20 @@ class FrameReader(asyncio.Protocol):
         return self._frames.popleft()
 
 
+PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
+
+
+def _widen_pipe(stream: asyncio.StreamWriter | None) -> None:
+    """Grow the pipe to the child from 64 KiB: a streamed call's frame is often bigger, and a wider pipe
+    takes it in one write() instead of a partial write, a wait for the child and a second write."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    pipe = stream.transport.get_extra_info("pipe") if stream is not None else None
+    if set_size is None or pipe is None:
+        return
+    with contextlib.suppress(OSError):  # the limit (/proc/sys/fs/pipe-max-size) may be lower
+        fcntl.fcntl(pipe.fileno(), set_size, PIPE_BYTES)
+
+
 class RecorderLink:
     """The serving process's side: the Recorder's interface, backed by the writer process."""
 
@@ -141,6 +156,7 @@ class RecorderLink:
         self._was_behind = False
         self._behind_episodes = 0
         self._behind_logged_at = -BEHIND_LOG_INTERVAL
+        self.calls_parsed_here = 0  # captured calls this process parsed while the child was behind
         self._sent = 0  # records sent to the current child; it reports how many it received
         self._lost_here = 0
         self._stats: dict[str, Any] = {name: 0 for name in STAT_NAMES}
@@ -251,6 +267,7 @@ class RecorderLink:
             stdout=asyncio.subprocess.PIPE,
             limit=16 * 1024 * 1024,
         )
+        _widen_pipe(self._process.stdin)
         self._ready = loop.create_future()
         self._reader_task = asyncio.create_task(self._read(self._process), name="chatledger-writer-link")
         self._send(("start", self._config))
@@ -276,6 +293,7 @@ class RecorderLink:
         items, self._outbox = self._outbox, []
         self._sent += len(items)
         if self._behind():
+            self.calls_parsed_here += len(items)
             items = [item if isinstance(item, CompletionRecord) else materialize(item) for item in items]
         if not self._send(("items", items)):  # captured calls go as plain tuples: they pickle fastest
             self._lose(len(items), "the writer process is not running")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import signal
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from proxy.capture import redact_fingerprinted
 from proxy.completions import CompletionRecord
 from proxy.request_facts import key_fingerprint
+from proxy.writer_process import PIPE_BYTES
 
 from .conftest import Ledger, make_config, start_ledger
 from .helpers import eventually
@@ -215,7 +217,10 @@ def items_sent(link: Any) -> list[object]:
 
 
 async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_copies(
-    upstream: FakeUpstream, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    upstream: FakeUpstream,
+    database_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     upstream.add(OPENAI_INCLUDE_USAGE.name, sse_reply(OPENAI_INCLUDE_USAGE.body))
     config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
@@ -231,6 +236,9 @@ async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_cop
             headers = {"X-Fake-Scenario": OPENAI_INCLUDE_USAGE.name}
             async with session.post(ledger.url + CHAT, json=body, headers=headers) as response:
                 assert await response.read() == OPENAI_INCLUDE_USAGE.body
+            link._send_outbox()  # type: ignore[union-attr]
+            async with session.get(ledger.url + "/_ledger/metrics") as response:
+                metrics = await response.text()
         rows = await ledger.rows(count=2)
     finally:
         await ledger.stop()
@@ -239,6 +247,33 @@ async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_cop
     assert rows[1]["completion_id"] == OPENAI_INCLUDE_USAGE.row["completion_id"]
     assert rows[1]["completion_tokens"] == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
     assert any("behind" in r.getMessage() for r in caplog.records)
+    assert "chatledger_calls_parsed_in_server_total 2.0" in metrics
+
+
+async def test_the_pipe_to_the_writer_process_holds_a_streamed_calls_frame(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    """A 200-event stream's frame is ~60 KB, the size of a default pipe: the pipe is widened so that a
+    frame goes in one write."""
+    config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
+    ledger = await start_ledger(config)
+    try:
+        stdin = ledger.recorder._process.stdin  # type: ignore[union-attr]
+        pipe = stdin.transport.get_extra_info("pipe")
+        assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_BYTES
+    finally:
+        await ledger.stop()
+    inline = make_config(upstream.url, database_url, tmp_path, database={"writer": "inline"})
+    assert "chatledger_calls_parsed_in_server" not in await _metrics(inline)
+
+
+async def _metrics(config: Any) -> str:
+    ledger = await start_ledger(config)
+    try:
+        async with aiohttp.ClientSession() as session, session.get(ledger.url + "/_ledger/metrics") as response:
+            return await response.text()
+    finally:
+        await ledger.stop()
 
 
 @contextlib.asynccontextmanager
