@@ -312,6 +312,9 @@ def chunk_may_matter(data: bytes) -> bool:
 _EMPTY_ARRAY_OPENING = re.compile(rb"\[[\]\s]")  # one regex pass: four 2-byte finds cost three times more
 
 
+may_hold_empty_array = _EMPTY_ARRAY_OPENING.search  # truthy when the bytes may hold `"choices":[]`
+
+
 def first_empty_array(data: bytes) -> int:
     """Where the first possible empty JSON array starts, or -1: bytes before it hold no `"choices":[]`
     chunk (the usage-only chunk), whatever else they hold."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from typing import Protocol
 
-from .completions import CompletionRecord, StreamFolder, chunk_may_matter, first_empty_array
+from .completions import CompletionRecord, StreamFolder, chunk_may_matter, first_empty_array, may_hold_empty_array
 from .sse import SSEDecoder, SSEEvent
 
 MAX_PARSED_BODY = 16 * 1024 * 1024
@@ -114,6 +114,7 @@ class StreamTap:
         "_decoder",
         "_held",
         "_held_start",
+        "_quiet",
         "_readable",
         "_sse",
         "_strip",
@@ -151,17 +152,32 @@ class StreamTap:
         self.first_event_at: float | None = None
         self.first_content_at: float | None = None
         self.stripped = 0
+        self._quiet = False  # see feed
 
     @property
     def stripping(self) -> bool:
         return self._strip
 
     def feed(self, chunk: bytes, now: float) -> bytes:
-        """Take one upstream read; returns the bytes to send the client now."""
+        """Take one upstream read; returns the bytes to send the client now.
+
+        _quiet is the steady state of a strip-only tap (the request path of a stream whose usage chunk
+        is cut): ready, at a block boundary, nothing held. A read of whole LF-only blocks with no empty
+        array then passes with one search, as _feed_read would pass it after a dozen calls."""
+        if self._quiet and chunk[-2:] == b"\n\n" and b"\r" not in chunk and not may_hold_empty_array(chunk):
+            self._sse.skip(chunk)
+            self._held_start = self._sse.offset
+            return chunk
         split = self._settling_split(chunk)
         if split:
-            return self._feed_read(chunk[:split], now) + self._feed_read(chunk[split:], now)
-        return self._feed_read(chunk, now)
+            out = self._feed_read(chunk[:split], now) + self._feed_read(chunk[split:], now)
+        else:
+            out = self._feed_read(chunk, now)
+        if self._strip_only:
+            self._quiet = (
+                self._strip and self._ready and not self._held and self._cr_drop is None and self._sse.at_boundary
+            )
+        return out
 
     @property
     def _ready(self) -> bool:
