@@ -28,10 +28,11 @@ import sys
 import time
 from typing import Any
 
-from .capture import CapturedCall, materialize
+from .capture import CapturedCall, Exchange, materialize
 from .completions import CompletionRecord
 from .config import Config, default_spool_dir
 from .metrics import BatchSummary, LedgerMetrics, summarize
+from .ring import MIN_CALL_BYTES, RingReader, RingWriter, make_ring_writer
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class FrameReader(asyncio.Protocol):
         return self._frames.popleft()
 
 
+READS = Exchange._fields.index("chunks")  # a CapturedCall's response reads: a list, or a RingSlice
 PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
 
 
@@ -148,6 +150,7 @@ class RecorderLink:
         self._outbox: list[CompletionRecord | CapturedCall] = []
         self._send_handle: asyncio.TimerHandle | None = None
         self._process: asyncio.subprocess.Process | None = None
+        self._ring: RingWriter | None = None  # the current child's (see proxy/ring.py)
         self._reader_task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}
@@ -254,11 +257,14 @@ class RecorderLink:
         if self._reader_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._reader_task, 5)
+        self._close_ring()
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
+        self._close_ring()
+        ring = make_ring_writer()
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -266,11 +272,13 @@ class RecorderLink:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=16 * 1024 * 1024,
+            pass_fds=() if ring is None else (ring.fd,),
         )
+        self._ring = ring
         _widen_pipe(self._process.stdin)
         self._ready = loop.create_future()
         self._reader_task = asyncio.create_task(self._read(self._process), name="chatledger-writer-link")
-        self._send(("start", self._config))
+        self._send(("start", self._config, None if ring is None else ring.fd))
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
         except TimeoutError:
@@ -295,8 +303,29 @@ class RecorderLink:
         if self._behind():
             self.calls_parsed_here += len(items)
             items = [item if isinstance(item, CompletionRecord) else materialize(item) for item in items]
+        elif self._ring is not None:
+            items = [self._via_ring(item) for item in items]
         if not self._send(("items", items)):  # captured calls go as plain tuples: they pickle fastest
             self._lose(len(items), "the writer process is not running")
+
+    def _via_ring(self, item: CompletionRecord | CapturedCall) -> CompletionRecord | CapturedCall:
+        """The call with its response reads put in the ring, when they are big enough and fit."""
+        if type(item) is not tuple:
+            return item
+        reads = item[READS]
+        total = len(reads[0]) if len(reads) == 1 else sum(map(len, reads))
+        if total < MIN_CALL_BYTES:
+            return item
+        assert self._ring is not None
+        where = self._ring.put(reads, total)
+        if where is None:
+            return item
+        return (*item[:READS], where, *item[READS + 1 :])
+
+    def _close_ring(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     def _send(self, message: Any) -> bool:
         process = self._process
@@ -368,6 +397,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     if start is None:
         return
     config: Config = start[1]
+    ring = None if start[2] is None else RingReader(start[2])
     logging.basicConfig(
         level=config.logging.level.upper(),
         stream=sys.stderr,
@@ -418,6 +448,9 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
                 # parsed as they arrive, a frame (a few ms of traffic) at a time: the raw copies are
                 # freed at once, and reading never waits behind a whole batch being parsed
                 for item in message[1]:
+                    if type(item) is tuple and type(item[READS]) is tuple:  # its reads are in the ring
+                        assert ring is not None
+                        item = (*item[:READS], ring.take(item[READS]), *item[READS + 1 :])
                     recorder.submit(item if isinstance(item, CompletionRecord) else materialize(item))
                 received += len(message[1])
                 await asyncio.sleep(0)  # frames queued here must not keep the recorder's writes waiting

@@ -22,10 +22,11 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from proxy import ring
 from proxy.capture import redact_fingerprinted
 from proxy.completions import CompletionRecord
 from proxy.request_facts import key_fingerprint
-from proxy.writer_process import PIPE_BYTES
+from proxy.writer_process import PIPE_BYTES, READS
 
 from .conftest import Ledger, make_config, start_ledger
 from .helpers import eventually
@@ -274,6 +275,52 @@ async def _metrics(config: Any) -> str:
             return await response.text()
     finally:
         await ledger.stop()
+
+
+def _long_stream(copies: int) -> bytes:
+    """OPENAI_INCLUDE_USAGE with `copies` more content chunks: ~300 bytes each."""
+    blocks = OPENAI_INCLUDE_USAGE.blocks
+    return b"".join([blocks[0], *[blocks[1]] * copies, *blocks[1:]])
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the ring needs os.memfd_create (Linux)")
+async def test_long_responses_reach_the_writer_through_shared_memory_or_the_pipe_when_it_is_full(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long response's reads go through the ring (the frame carries only where they are); when the
+    ring has no room (here: 256 KiB for 40 streams of ~100 KB at once), through the pipe as before.
+    Either way every row is whole."""
+    monkeypatch.setattr(ring, "RING_BYTES", ring.DATA_START + 256 * 1024)
+    body = _long_stream(330)
+    upstream.add("long", sse_reply(body, sizes=[3000] * (len(body) // 3000 + 1)))
+    config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
+    ledger = await start_ledger(config)
+    try:
+        sent = items_sent(ledger.recorder)
+        request = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
+
+        async def call(session: aiohttp.ClientSession) -> None:
+            headers = {"X-Fake-Scenario": "long"}
+            async with session.post(ledger.url + CHAT, json=request, headers=headers) as response:
+                assert await response.read() == body
+
+        async with aiohttp.ClientSession() as session:
+            await call(session)
+            await ledger.recorder.wait_idle()
+            await asyncio.gather(*(call(session) for _ in range(40)))
+        rows = await ledger.rows(count=41)
+    finally:
+        await ledger.stop()
+    reads = [item[READS] for item in sent]
+    assert type(reads[0]) is tuple  # (position, lengths): the first went through the ring
+    assert any(type(r) is tuple for r in reads[1:])
+    assert any(type(r) is list for r in reads[1:])
+    assert len(rows) == 41
+    for row in rows:
+        assert row["completion_id"] == OPENAI_INCLUDE_USAGE.row["completion_id"]
+        assert row["completion_tokens"] == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
+        assert row["outcome"] == "ok"
+        assert [choice["finish_reason"] for choice in row["choices"]] == ["stop"]
 
 
 @contextlib.asynccontextmanager

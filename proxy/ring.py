@@ -1,0 +1,100 @@
+"""A shared-memory ring that carries a captured call's response bytes to the writer process.
+
+Through the pipe, a 200-event stream (~60 KB) costs the serving process a pickle copy and a kernel copy
+into the pipe: measured, about 12% of a streamed call's CPU. Through this ring it costs one memcpy into
+pages that stay mapped; the pipe carries only (position, read lengths).
+
+The ring is a memfd the child inherits. The serving process writes each call's reads contiguously at
+`head` (a position that only grows; its remainder modulo the capacity is the offset) and the child,
+which takes calls in the order they were put, copies them out and then publishes how far it has read
+(`consumed`, the first 8 bytes). A call that does not fit in the free space goes through the pipe as
+before, so a writer that falls behind fills the pipe and trips RecorderLink's backlog check.
+Linux only (os.memfd_create); elsewhere everything goes through the pipe.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+CONSUMED = struct.Struct("<Q")  # at offset 0: how far the child has read (a head position)
+DATA_START = 64  # the data region starts on its own cache line
+RING_BYTES = 32 * 1024 * 1024
+MIN_CALL_BYTES = 8 * 1024  # smaller responses go inline: copying them twice costs less than the bookkeeping
+
+RingSlice = tuple[int, list[int]]  # (head position, length of each read) in place of the reads
+
+
+class RingWriter:
+    """The serving process's end: puts a call's reads in the ring, or says there is no room."""
+
+    def __init__(self, size: int) -> None:
+        self.fd = os.memfd_create("chatledger-ring", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self._capacity = size - DATA_START
+        self._head = 0
+
+    def put(self, reads: list[bytes], total: int) -> RingSlice | None:
+        """Copy `reads` (`total` bytes in all) into the ring; None when they do not fit now."""
+        capacity = self._capacity
+        head = self._head
+        offset = head % capacity
+        if offset + total > capacity:  # a call is never split: skip the end of the ring
+            head += capacity - offset
+            offset = 0
+        if head + total - CONSUMED.unpack_from(self._map, 0)[0] > capacity:
+            return None
+        ring = self._map
+        position = DATA_START + offset
+        lengths = []
+        for read in reads:
+            end = position + len(read)
+            ring[position:end] = read
+            position = end
+            lengths.append(len(read))
+        self._head = head + total
+        return head, lengths
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
+class RingReader:
+    """The writer process's end: copies a call's reads out and frees their space."""
+
+    def __init__(self, fd: int) -> None:
+        self._map = mmap.mmap(fd, 0)
+        os.close(fd)
+        self._capacity = len(self._map) - DATA_START
+
+    def take(self, where: RingSlice) -> list[bytes]:
+        head, lengths = where
+        ring = self._map
+        position = DATA_START + head % self._capacity
+        reads = []
+        for length in lengths:
+            end = position + length
+            reads.append(ring[position:end])
+            position = end
+        CONSUMED.pack_into(ring, 0, head + sum(lengths))
+        return reads
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def make_ring_writer() -> RingWriter | None:
+    """A ring, or None where shared memory is not available (the pipe then carries everything)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        return RingWriter(RING_BYTES)
+    except OSError:
+        return None
