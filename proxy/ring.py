@@ -61,9 +61,23 @@ class RingWriter:
         self._head = head + total
         return head, lengths
 
+    def read(self, where: RingSlice) -> list[bytes]:
+        """Copies of reads put earlier (for calls a new child must get through the pipe: the ring
+        goes with the child that had it)."""
+        return _copy_out(self._map, DATA_START + where[0] % self._capacity, where[1])
+
     def close(self) -> None:
         self._map.close()
         os.close(self.fd)
+
+
+def _copy_out(ring: mmap.mmap, position: int, lengths: list[int]) -> list[bytes]:
+    reads = []
+    for length in lengths:
+        end = position + length
+        reads.append(ring[position:end])
+        position = end
+    return reads
 
 
 class RingReader:
@@ -76,14 +90,8 @@ class RingReader:
 
     def take(self, where: RingSlice) -> list[bytes]:
         head, lengths = where
-        ring = self._map
-        position = DATA_START + head % self._capacity
-        reads = []
-        for length in lengths:
-            end = position + length
-            reads.append(ring[position:end])
-            position = end
-        CONSUMED.pack_into(ring, 0, head + sum(lengths))
+        reads = _copy_out(self._map, DATA_START + head % self._capacity, lengths)
+        CONSUMED.pack_into(self._map, 0, head + sum(lengths))
         return reads
 
     def close(self) -> None:

@@ -169,7 +169,10 @@ class RecorderLink:
     # ---- the Recorder's interface ---------------------------------------------------------------
 
     def submit(self, item: CompletionRecord | CapturedCall) -> None:
-        """Never blocks: the record goes out with the next frame (see _send_outbox)."""
+        """Never blocks: the record goes out with the next frame (see _send_outbox). A long response's
+        reads go into the ring at once, so that they are freed now, not a frame later."""
+        if self._ring is not None and type(item) is tuple:
+            item = self._via_ring(item)
         self._outbox.append(item)
         if self._send_handle is None:
             self._send_handle = asyncio.get_running_loop().call_later(SEND_INTERVAL, self._send_outbox)
@@ -263,7 +266,9 @@ class RecorderLink:
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
-        self._close_ring()
+        if self._ring is not None:  # calls not yet sent whose reads are in the old child's ring
+            self._outbox = [self._off_ring(item) for item in self._outbox]
+            self._close_ring()
         ring = make_ring_writer()
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -291,7 +296,8 @@ class RecorderLink:
         While the child is behind (see _behind: frames unread, or records not yet written), captured
         calls are parsed here before they go: the serving process then pays for parsing, as the
         in-process writer does, which slows it to a pace the writer can follow instead of letting raw
-        copies or records pile up in memory.
+        copies or records pile up in memory. Calls whose reads are already in the ring go as they are:
+        the ring is bounded, and once it is full the calls that follow carry their reads again.
         """
         if self._send_handle is not None:
             self._send_handle.cancel()
@@ -301,17 +307,15 @@ class RecorderLink:
         items, self._outbox = self._outbox, []
         self._sent += len(items)
         if self._behind():
-            self.calls_parsed_here += len(items)
-            items = [item if isinstance(item, CompletionRecord) else materialize(item) for item in items]
-        elif self._ring is not None:
-            items = [self._via_ring(item) for item in items]
+            parsed = [item if type(item) is not tuple or type(item[READS]) is tuple else materialize(item)
+                      for item in items]  # fmt: skip
+            self.calls_parsed_here += sum(a is not b for a, b in zip(parsed, items, strict=True))
+            items = parsed
         if not self._send(("items", items)):  # captured calls go as plain tuples: they pickle fastest
             self._lose(len(items), "the writer process is not running")
 
-    def _via_ring(self, item: CompletionRecord | CapturedCall) -> CompletionRecord | CapturedCall:
+    def _via_ring(self, item: CapturedCall) -> CapturedCall:
         """The call with its response reads put in the ring, when they are big enough and fit."""
-        if type(item) is not tuple:
-            return item
         reads = item[READS]
         total = len(reads[0]) if len(reads) == 1 else sum(map(len, reads))
         if total < MIN_CALL_BYTES:
@@ -321,6 +325,12 @@ class RecorderLink:
         if where is None:
             return item
         return (*item[:READS], where, *item[READS + 1 :])
+
+    def _off_ring(self, item: CompletionRecord | CapturedCall) -> CompletionRecord | CapturedCall:
+        if type(item) is not tuple or type(item[READS]) is not tuple:
+            return item
+        assert self._ring is not None
+        return (*item[:READS], self._ring.read(item[READS]), *item[READS + 1 :])
 
     def _close_ring(self) -> None:
         if self._ring is not None:

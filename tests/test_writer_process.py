@@ -171,6 +171,34 @@ async def test_a_killed_writer_process_is_restarted_and_logging_goes_on(
     assert any("writer process exited" in r.getMessage() for r in caplog.records)
 
 
+async def test_long_calls_made_while_the_writer_process_is_down_reach_its_successor(
+    process_ledger: Ledger, upstream: FakeUpstream
+) -> None:
+    """Their reads went into the dead child's shared-memory ring: the new child gets copies through the
+    pipe. Here the child is killed while three such calls wait in the outbox."""
+    body = _long_stream(200)
+    upstream.add("long", sse_reply(body, sizes=[3000] * (len(body) // 3000 + 1)))
+    link = process_ledger.recorder
+    link._send_outbox = lambda: None  # type: ignore[union-attr,method-assign]  # hold the calls here
+    first = child_pid(process_ledger)
+    request = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            headers = {"X-Fake-Scenario": "long"}
+            async with session.post(process_ledger.url + CHAT, json=request, headers=headers) as response:
+                assert await response.read() == body
+        held = list(link._outbox)  # type: ignore[union-attr]
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: child_pid(process_ledger) != first, within=30)
+        await asyncio.wait_for(link._ready, 30)  # type: ignore[union-attr]
+    del link._send_outbox  # type: ignore[union-attr]
+    rows = await process_ledger.rows(count=3)
+    assert [type(item[READS]) for item in held] == [tuple, tuple, tuple]  # they were in the ring
+    assert len(rows) == 3
+    assert {row["completion_tokens"] for row in rows} == {OPENAI_INCLUDE_USAGE.row["completion_tokens"]}
+    assert {row["outcome"] for row in rows} == {"ok"}
+
+
 async def test_a_key_echoed_in_an_error_is_redacted_by_the_writer_process(
     process_ledger: Ledger, upstream: FakeUpstream
 ) -> None:
