@@ -453,34 +453,62 @@ class StreamFolder:
                 return False
         return True
 
-    def skippable(self, blocks: bytes) -> bool:
-        """True when whole SSE blocks certainly change nothing in a settled fold.
+    def quiet_prefix(self, data: bytes, keep: int) -> int:
+        """How many leading bytes of `data` (whole SSE blocks, at a block boundary) certainly change
+        nothing in a settled fold: what is left must be parsed.
 
-        The fast proof, for the usual long stream: every block is `data: ` + the first block's JSON with
-        only its content string changed, and that first block is a plain delta. Counting the joints
-        between blocks, the quotes and the newlines proves it in a few byte searches: when the quotes
-        and newlines are all in the joints, no content string hides a quote (none has a backslash to
-        escape one), and each block is one data line. Otherwise chunk_may_matter's marker search decides.
-        """
-        if not self.settled or b"\r" in blocks:
+        All but the last `keep` bytes, if skippable proves them quiet; for the usual long stream of
+        same-shape deltas, more: up to the last joint between two such blocks (what follows is the
+        finish, the usage and [DONE]). Blocks that vary outside their content, such as OpenAI's with
+        an `obfuscation` string, get the marker search of chunk_may_matter, several times slower."""
+        if not self.settled:
+            return 0
+        cut = data.rfind(b"\n\n", 0, len(data) - keep) + 2
+        first = data.find(b"\n\n")
+        template = _content_template(data[6:first]) if data.startswith(b"data: ") and first > 6 else None
+        if template is not None:
+            tail = template[1] + b"\n\n"
+            joint = data.rfind(tail + b"data: " + template[0], max(cut, 0)) + len(tail)  # the last few KB
+            if joint > cut and self._same_shape(data[:joint]):
+                return joint
+        return cut if cut >= 2 and self.skippable(data[:cut]) else 0
+
+    def skippable(self, blocks: bytes) -> bool:
+        """True when whole SSE blocks certainly change nothing in a settled fold: the fast proof of
+        _same_shape when it applies, chunk_may_matter's marker search otherwise."""
+        if not self.settled:
             return False
+        same = self._same_shape(blocks)
+        return (not chunk_may_matter(blocks)) if same is None else same
+
+    def _same_shape(self, blocks: bytes) -> bool | None:
+        """For the usual long stream: every block is `data: ` + the first block's JSON with only its
+        content string changed. Counting the joints between blocks, the quotes and the newlines proves
+        it in a few byte searches: when the quotes and newlines are all in the joints, no content
+        string hides a quote (none has a backslash to escape one), and each block is one data line.
+        Then the blocks change nothing if the first one changes nothing. None: not such blocks."""
+        if b"\r" in blocks or b"\\" in blocks:
+            return None
         first = blocks.find(b"\n\n")
-        if blocks.startswith(b"data: ") and b"\\" not in blocks and first > 6:
-            payload = blocks[6:first]
-            template = _content_template(payload)
-            if template is not None:
-                head, tail = b"data: " + template[0], template[1] + b"\n\n"
-                if blocks.endswith(tail):
-                    joints = blocks.count(tail + head)
-                    quotes = head.count(b'"') + tail.count(b'"')
-                    newlines = len(blocks) - len(blocks.replace(b"\n", b""))  # 4x faster than count: few
-                    if newlines == 2 * (joints + 1) and blocks.count(b'"') == (joints + 1) * quotes:
-                        try:
-                            obj = orjson.loads(payload)
-                        except orjson.JSONDecodeError:
-                            return False
-                        return type(obj) is dict and self._plain_delta(obj)
-        return not chunk_may_matter(blocks)
+        if not blocks.startswith(b"data: ") or first <= 6:
+            return None
+        payload = blocks[6:first]
+        template = _content_template(payload)
+        if template is None:
+            return None
+        head, tail = b"data: " + template[0], template[1] + b"\n\n"
+        if not blocks.endswith(tail):
+            return None
+        joints = blocks.count(tail + head)
+        quotes = head.count(b'"') + tail.count(b'"')
+        newlines = len(blocks) - len(blocks.replace(b"\n", b""))  # 4x faster than count: newlines are few
+        if newlines != 2 * (joints + 1) or blocks.count(b'"') != (joints + 1) * quotes:
+            return None
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return False
+        return type(obj) is dict and self._plain_delta(obj)
 
     def _late_usage(self, data: bytes) -> bool:
         """After [DONE] the completion is over; only a (misplaced) usage-only chunk still counts."""

@@ -116,7 +116,11 @@ class SSEDecoder:
 
         Only valid at_boundary, for a read that ends with a blank line (b"\n\n") and has no CR.
         """
-        self._offset += len(chunk)
+        self.advance(len(chunk))
+
+    def advance(self, length: int) -> None:
+        """skip() for `length` bytes of such blocks."""
+        self._offset += length
         self._block_start = self._offset
         self._cr_event = None
 

@@ -16,7 +16,7 @@ MAX_PARSED_BODY = 16 * 1024 * 1024
 MAX_HELD_BYTES = 1024 * 1024
 SETTLE_BYTES = 2048  # a read longer than twice this is fed in two parts: the first may settle the fold
 SETTLE_BLOCKS = 16  # feed_all: events of one read fed one by one before the fold settles
-TAIL_BYTES = 2048  # what feed_all always parses of a settled stream: the finish, usage and [DONE] events
+TAIL_BYTES = 2048  # what feed_all parses at least of a settled stream of unusual shape: finish, usage, [DONE]
 
 
 class Decompressor(Protocol):
@@ -257,7 +257,7 @@ class StreamTap:
 
         Until the folder is settled, reads are fed one event block at a time (at most SETTLE_BLOCKS of
         a read; the rest of it whole): a read usually holds many events, and the first two or three
-        settle the fold. Of the rest, only the last TAIL_BYTES are parsed when StreamFolder.skippable
+        settle the fold. Of the rest, only the last few blocks are parsed when StreamFolder.quiet_prefix
         proves that the part before them changes nothing. Per-read times matter only until settled
         (first event, first content).
         """
@@ -292,19 +292,18 @@ class StreamTap:
         self._fold_settled(data[start:], now)
 
     def _fold_settled(self, rest: bytes, now: float) -> None:
-        """Fold the rest of a stream in one piece: only its last TAIL_BYTES when skippable allows."""
+        """Fold the rest of a stream in one piece: only its last blocks when StreamFolder.quiet_prefix
+        proves the part before them changes nothing."""
         if self._decoder is None and self._readable and not self._strip and len(rest) > TAIL_BYTES:
             if not self._sse.at_boundary:  # finish the event a read cut in two
                 end = rest.find(b"\n\n") + 2
                 if end >= 2:
                     self.feed(rest[:end], now)
                     rest = rest[end:]
-            cut = rest.rfind(b"\n\n", 0, len(rest) - TAIL_BYTES) + 2
-            if cut >= 2 and self._sse.at_boundary:
-                head = rest[:cut]
-                if self.folder.skippable(head):
-                    self._sse.skip(head)
-                    rest = rest[cut:]
+            cut = self.folder.quiet_prefix(rest, TAIL_BYTES) if self._sse.at_boundary else 0
+            if cut:
+                self._sse.advance(cut)
+                rest = rest[cut:]
         self.feed(rest, now)
 
     def close(self, now: float, complete: bool = True) -> bytes:

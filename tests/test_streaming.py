@@ -260,6 +260,21 @@ def test_feed_all_parses_a_read_of_many_events_only_up_to_the_event_that_settles
         assert tap.first_content_at == 0.0
 
 
+def test_feed_all_parses_a_usual_stream_only_from_its_last_content_chunk() -> None:
+    """A long stream whose deltas differ only in their content: past the chunks that settle the fold,
+    only the last content chunk, the finish and the usage chunk are parsed."""
+    role, content = OPENAI_INCLUDE_USAGE.blocks[0], OPENAI_INCLUDE_USAGE.blocks[1]
+    words = [f"w{n}".encode() for n in range(300)]
+    deltas = [content.replace(b'"content":"The"', b'"content":"' + word + b'"') for word in words]
+    deltas = [d.replace(b'"obfuscation":""', b'"obfuscation":"Qm"') for d in deltas]  # one shape
+    blocks = [role, *deltas, *OPENAI_INCLUDE_USAGE.blocks[-3:]]  # finish, usage, [DONE]
+    pieces = [b"".join(blocks[i : i + 10]) for i in range(0, len(blocks), 10)]
+    record, tap = _fold(pieces, [float(n) for n in range(len(pieces))], whole=True)
+    assert [choice.finish_reason for choice in record.choices] == ["stop"]
+    assert record.completion_tokens == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
+    assert tap.folder.parsed_events == 5  # role, first content; last content, finish, usage
+
+
 def test_tap_passthrough_returns_each_read_as_is() -> None:
     body = OPENAI_INCLUDE_USAGE.body
     tap = StreamTap(new_record(), None, strip_usage_chunk=False)
