@@ -97,7 +97,9 @@ def python_load(
         command.append("--stream")
     if not include_usage:
         command.append("--no-include-usage")
-    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=duration + 120, check=False)
+    out = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, timeout=duration + 120, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr[-1000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -178,7 +180,9 @@ class Bench:
         elif self.wrk:
             result = run_wrk(url, self.scripts[mode], connections, duration)
         else:
-            result = python_load(url, connections, duration, stream=mode == "stream", include_usage=self.include_usage)
+            result = python_load(
+                url, connections, duration, stream=mode == "stream", include_usage=self.include_usage
+            )
         cpu = cpu_seconds(pid) - cpu0
         busy1, total1 = machine_busy()
         own = sum(cpu_seconds(p) for p in self.own_pids) + _self_and_waited_children() - own0
@@ -247,7 +251,11 @@ class Bench:
                         f"1c p50 {lat.get('event_p50_ms') or lat['p50_ms']:.3f} ms  "
                         f"cpu {thr['cpu_pct']:.0f}%  machine {thr['machine_pct']:.0f}%  "
                         f"background {thr['background_pct']:.0f}%"
-                        + (f"  errors {thr['errors'] + lat['errors']}" if thr["errors"] + lat["errors"] else ""),
+                        + (
+                            f"  errors {thr['errors'] + lat['errors']}"
+                            if thr["errors"] + lat["errors"]
+                            else ""
+                        ),
                         flush=True,
                     )
             for target in targets:
@@ -358,9 +366,13 @@ def versions() -> dict[str, str]:
         path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
         if path:
             out = subprocess.run([path, flag], capture_output=True, text=True, check=False)
-            found[tool] = (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr) else "?"
+            found[tool] = (
+                (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr) else "?"
+            )
     try:
-        model = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+        model = next(
+            ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")
+        )
         found["cpu"] = model.split(":", 1)[1].strip()
     except (OSError, StopIteration):
         pass

@@ -133,14 +133,8 @@ def main() -> None:
         counts = count(
             "chatledger",
             python_module(
-                "proxy",
-                "serve",
-                "--port",
-                str(target_port),
-                "--upstream",
-                upstream_url,
-                "--database",
-                str(work / "ledger.db"),
+                "proxy", "serve", "--port", str(target_port), "--upstream", upstream_url,
+                "--database", str(work / "ledger.db"),
             ),
             target_port,
             body,

@@ -107,7 +107,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         started = time.perf_counter()
         deadline = started + args.duration
-        await asyncio.gather(*(_worker(session, args, body, headers, deadline, stats) for _ in range(args.connections)))
+        await asyncio.gather(
+            *(_worker(session, args, body, headers, deadline, stats) for _ in range(args.connections))
+        )
         elapsed = time.perf_counter() - started
     latencies = sorted(stats.latencies)
     events = sorted(stats.event_latencies)
@@ -133,10 +135,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--url", required=True, help="full URL, e.g. http://127.0.0.1:9002/v1/chat/completions")
+    parser.add_argument(
+        "--url", required=True, help="full URL, e.g. http://127.0.0.1:9002/v1/chat/completions"
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--stream", action="store_true", help="send stream:true requests and count SSE events")
+    parser.add_argument(
+        "--stream", action="store_true", help="send stream:true requests and count SSE events"
+    )
     parser.add_argument("--gap-us", type=int, default=0, help="ask the upstream to pace events (stamped)")
     parser.add_argument(
         "--no-include-usage", action="store_true", help="stream requests without stream_options (SDK default)"

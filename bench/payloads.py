@@ -132,7 +132,9 @@ def stream_events(fingerprint: str = FINGERPRINT) -> list[bytes]:
                 fingerprint,
             )
         )
-    events.append(_chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], None, fingerprint))
+    events.append(
+        _chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], None, fingerprint)
+    )
     events.append(_chunk([], USAGE, fingerprint))
     events.append(b"data: [DONE]\n\n")
     return events

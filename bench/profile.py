@@ -131,7 +131,9 @@ def diff(first: Path, second: Path, top: int = 30) -> str:
     runs = []
     for base in (first, second):
         meta = json.loads(base.with_suffix(".json").read_text())
-        runs.append((meta, parse(base.with_suffix(".raw.txt")), 1e6 / (meta["rate"] * meta["rps"] * meta["seconds"])))
+        runs.append(
+            (meta, parse(base.with_suffix(".raw.txt")), 1e6 / (meta["rate"] * meta["rps"] * meta["seconds"]))
+        )
     (meta_a, a, ua), (meta_b, b, ub) = runs
     out = [
         f"{meta_a['target']} - {meta_b['target']} ({meta_a['mode']}), GIL-holding µs per request:",

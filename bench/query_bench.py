@@ -220,7 +220,9 @@ def main() -> int:
 
     print(f"\nwhole command in a fresh process (best / median of {args.repeat}):")
     baseline = time_command(["--version"], args.db, args.repeat)
-    print(f"  {'chatledger --version':<32} {baseline[0] * 1000:8.1f} / {baseline[1] * 1000:.1f} ms  (startup)")
+    print(
+        f"  {'chatledger --version':<32} {baseline[0] * 1000:8.1f} / {baseline[1] * 1000:.1f} ms  (startup)"
+    )
     for command in (["logs"], ["stats", "--by", "model"], ["logs", "--json", "-n", "100"]):
         best, median, _output = time_command(command, args.db, args.repeat)
         label = "chatledger " + " ".join(command)

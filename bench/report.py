@@ -122,7 +122,9 @@ def verdicts(mode: str, rows: list[dict[str, Any]]) -> list[str]:
     if direct is not None and direct["rps"] and reference["rps"]:
         ratio = direct["rps"] / max(r["rps"] or 0 for r in rows if r["name"] != "direct")
         flag = "ok" if ratio >= 2 else "WARNING: upstream may be the bottleneck"
-        out.append(f"[{mode}] upstream direct {direct['rps']:,.0f} req/s = {ratio:.1f}x the fastest proxy ({flag})")
+        out.append(
+            f"[{mode}] upstream direct {direct['rps']:,.0f} req/s = {ratio:.1f}x the fastest proxy ({flag})"
+        )
     for row in rows:
         if not row["name"].startswith("chatledger"):
             continue

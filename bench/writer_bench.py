@@ -203,7 +203,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rows", type=int, default=50_000, help="rows per measurement (default 50,000)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--batch-max", type=int, default=2000, help="Recorder batch_max (config default 2000)")
+    parser.add_argument(
+        "--batch-max", type=int, default=2000, help="Recorder batch_max (config default 2000)"
+    )
     parser.add_argument("--only", choices=("sqlite", "postgresql"))
     parser.add_argument("--profile", action="store_true", help="cProfile the writer and print the top 30")
     args = parser.parse_args()

@@ -48,7 +48,9 @@ def write_script(directory: Path, name: str, body: bytes) -> Path:
     return script
 
 
-def run_wrk(url: str, script: Path, connections: int, duration: float, timeout: float = 30.0) -> dict[str, Any]:
+def run_wrk(
+    url: str, script: Path, connections: int, duration: float, timeout: float = 30.0
+) -> dict[str, Any]:
     """One wrk run (one thread); returns requests, rps, latency percentiles in ms and error counts."""
     binary = wrk_binary()
     if binary is None:
@@ -64,7 +66,9 @@ def run_wrk(url: str, script: Path, connections: int, duration: float, timeout: 
         str(script),
         url,
     ]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=duration + timeout + 30, check=False)
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + timeout + 30, check=False
+    )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")

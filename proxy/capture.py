@@ -69,15 +69,8 @@ def materialize(captured: Exchange | CapturedCall) -> CompletionRecord:
     except Exception:
         log.exception("parsing the response of request %s failed", exchange.request_id)
     record = new_record(
-        exchange.request_id,
-        exchange.started_wall,
-        exchange.method,
-        exchange.path,
-        exchange.upstream,
-        exchange.api_key_hash,
-        exchange.tag_headers,
-        exchange.user_header,
-        None,
+        exchange.request_id, exchange.started_wall, exchange.method, exchange.path, exchange.upstream,
+        exchange.api_key_hash, exchange.tag_headers, exchange.user_header, None,
     )
     record.status_code = exchange.status
     record.duration_ms = round((exchange.finished - exchange.started) * 1000, 3)
@@ -98,15 +91,8 @@ def classify_other_path(record: CompletionRecord, failure: tuple[str, str] | Non
 def _materialize(exchange: Exchange) -> CompletionRecord:
     facts = inspect_request(exchange.request_body, inject_usage=False)
     record = new_record(
-        exchange.request_id,
-        exchange.started_wall,
-        exchange.method,
-        exchange.path,
-        exchange.upstream,
-        exchange.api_key_hash,
-        exchange.tag_headers,
-        exchange.user_header,
-        facts,
+        exchange.request_id, exchange.started_wall, exchange.method, exchange.path, exchange.upstream,
+        exchange.api_key_hash, exchange.tag_headers, exchange.user_header, facts,
     )
     record.status_code = exchange.status
     record.upstream_request_id = exchange.upstream_request_id

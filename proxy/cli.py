@@ -36,11 +36,15 @@ def _common(parser: argparse.ArgumentParser, *, json: bool = True) -> None:
 def _filters(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("filters")
     group.add_argument("-m", "--model", metavar="GLOB", help="model (reported or requested), e.g. 'gpt-4o*'")
-    group.add_argument("--since", metavar="TIME", help="ISO time (UTC unless it has an offset) or age: 30m, 1h, 7d")
+    group.add_argument(
+        "--since", metavar="TIME", help="ISO time (UTC unless it has an offset) or age: 30m, 1h, 7d"
+    )
     group.add_argument("--until", metavar="TIME", help="same forms as --since; rows before this time")
     group.add_argument("-u", "--user", help="the request's `user` field")
     group.add_argument("-t", "--tag", action="append", metavar="K=V", help="X-Ledger-Tags pair (repeatable)")
-    group.add_argument("-k", "--key", metavar="LABEL|HASH", help="API key label, fingerprint or the key itself")
+    group.add_argument(
+        "-k", "--key", metavar="LABEL|HASH", help="API key label, fingerprint or the key itself"
+    )
     group.add_argument("--outcome", help="ok, upstream_error, client_disconnected, timeout, unreachable, ...")
     group.add_argument("--status", metavar="CODE", help="HTTP status returned by the upstream")
     group.add_argument("--stream", action=argparse.BooleanOptionalAction, help="streamed calls only (or not)")
@@ -71,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(db_status)
     db_status.set_defaults(handler=_db_status)
 
-    logs = commands.add_parser("logs", help="recent completions, newest first; `logs show ID` for one in full")
+    logs = commands.add_parser(
+        "logs", help="recent completions, newest first; `logs show ID` for one in full"
+    )
     _common(logs)
-    logs.add_argument("action", nargs="*", metavar="show ID", help="show one completion (request or completion id)")
+    logs.add_argument(
+        "action", nargs="*", metavar="show ID", help="show one completion (request or completion id)"
+    )
     _filters(logs)
     logs.add_argument("-n", "--limit", type=int, default=20, help="how many (default 20, 0 = all)")
     logs.set_defaults(handler=_logs)
@@ -106,10 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing = price_commands.add_parser("list", help="the prices in effect now")
     _common(listing)
     listing.add_argument("-m", "--model", metavar="GLOB", help="only models matching this glob")
-    listing.add_argument("--history", action="store_true", help="every price ever recorded, not only the latest")
+    listing.add_argument(
+        "--history", action="store_true", help="every price ever recorded, not only the latest"
+    )
     listing.set_defaults(handler=_prices_list)
 
-    reprice = commands.add_parser("reprice", help="recompute price-table costs of past rows (never upstream costs)")
+    reprice = commands.add_parser(
+        "reprice", help="recompute price-table costs of past rows (never upstream costs)"
+    )
     _common(reprice)
     reprice.add_argument("--since", required=True, metavar="TIME", help="ISO time or age: 30m, 1h, 7d")
     reprice.add_argument("--until", metavar="TIME")
@@ -124,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="human labels for API key fingerprints")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
-    label = key_commands.add_parser("label", help="label a key (give the key or its fingerprint; never stored)")
+    label = key_commands.add_parser(
+        "label", help="label a key (give the key or its fingerprint; never stored)"
+    )
     _common(label)
     label.add_argument("api_key", metavar="KEY|HASH")
     label.add_argument("label")
@@ -179,7 +193,8 @@ def _filter_values(args: argparse.Namespace) -> Any:
     from .queries import FilterError, parse_filters
 
     params = {
-        name: getattr(args, name, None) for name in ("model", "since", "until", "user", "key", "outcome", "status")
+        name: getattr(args, name, None)
+        for name in ("model", "since", "until", "user", "key", "outcome", "status")
     }
     params["tag"] = args.tag or []
     if args.stream is not None:
@@ -281,7 +296,9 @@ def _stats(args: argparse.Namespace, config: Config) -> int:
 
     stats = _run(config, job)
     if args.json:
-        _print_json({"by": stats.by, "rows": [r.as_dict() for r in stats.rows], "totals": stats.totals.as_dict()})
+        _print_json(
+            {"by": stats.by, "rows": [r.as_dict() for r in stats.rows], "totals": stats.totals.as_dict()}
+        )
     else:
         from .report import format_stats
 
@@ -378,7 +395,10 @@ def _reprice(args: argparse.Namespace, config: Config) -> int:
         _print_json({**{name: getattr(report, name) for name in report.__slots__}, "dry_run": args.dry_run})
     else:
         verb = "would change" if args.dry_run else "changed"
-        print(f"{report.rows_checked:,} row(s) priced from the price table or unpriced; {verb} {report.rows_changed:,}")
+        print(
+            f"{report.rows_checked:,} row(s) priced from the price table or unpriced; {verb} "
+            f"{report.rows_changed:,}"
+        )
         print(f"total before: ${report.total_before:,.6f} ({report.unknown_before:,} unknown)")
         print(f"total after:  ${report.total_after:,.6f} ({report.unknown_after:,} unknown)")
     return 0

@@ -196,7 +196,9 @@ def _apply_meta(record: CompletionRecord, obj: dict[str, Any]) -> None:
             setattr(record, name, _text(obj.get(name)))
 
 
-def _choice_state(record: CompletionRecord, by_index: dict[int, ChoiceRecord], index: Any) -> ChoiceRecord | None:
+def _choice_state(
+    record: CompletionRecord, by_index: dict[int, ChoiceRecord], index: Any
+) -> ChoiceRecord | None:
     position = _count(index)
     if position is None or position > MAX_CHOICE_INDEX:  # the column is a 32-bit INTEGER
         return None
@@ -430,7 +432,9 @@ class StreamFolder:
                 and len(self._by_index) >= self._expected_choices
                 and all(state.role is not None for state in self._by_index.values())
             )
-        usage_only = isinstance(choices, list) and not choices and isinstance(obj.get("usage"), dict) and not error
+        usage_only = (
+            isinstance(choices, list) and not choices and isinstance(obj.get("usage"), dict) and not error
+        )
         return carries_content, usage_only
 
     def _plain_delta(self, obj: dict[str, Any]) -> bool:
@@ -475,8 +479,9 @@ class StreamFolder:
 
     def skippable(self, blocks: bytes) -> bool:
         """True when whole SSE blocks certainly change nothing in a settled fold: the fast proof of
-        _same_shape when it applies, chunk_may_matter's marker search otherwise."""
-        if not self.settled:
+        _same_shape when it applies, chunk_may_matter's marker search otherwise. Never with a CR: the
+        caller skips by byte count, which needs LF-only blocks."""
+        if not self.settled or b"\r" in blocks:
             return False
         same = self._same_shape(blocks)
         return (not chunk_may_matter(blocks)) if same is None else same
@@ -487,7 +492,7 @@ class StreamFolder:
         it in a few byte searches: when the quotes and newlines are all in the joints, no content
         string hides a quote (none has a backslash to escape one), and each block is one data line.
         Then the blocks change nothing if the first one changes nothing. None: not such blocks."""
-        if b"\r" in blocks or b"\\" in blocks:
+        if b"\\" in blocks or b"\r" in blocks:
             return None
         first = blocks.find(b"\n\n")
         if not blocks.startswith(b"data: ") or first <= 6:

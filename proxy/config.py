@@ -183,7 +183,9 @@ def _parse_pricing(table: Any) -> PricingConfig:
         for required in ("prompt", "completion"):
             if required not in entry:
                 raise ConfigError(f"{prefix}.{required}: missing")
-        models[pattern] = ModelPrice(**{name: _price(f"{prefix}.{name}", value) for name, value in entry.items()})
+        models[pattern] = ModelPrice(
+            **{name: _price(f"{prefix}.{name}", value) for name, value in entry.items()}
+        )
     return PricingConfig(models=models)
 
 
@@ -267,7 +269,9 @@ def validate(config: Config) -> Config:
     if config.database.writer not in WRITER_MODES:
         raise ConfigError(f"database.writer: expected process or inline, got {config.database.writer!r}")
     if not 0 <= config.database.flush_interval <= 1:
-        raise ConfigError(f"database.flush_interval: expected 0 to 1 seconds, got {config.database.flush_interval}")
+        raise ConfigError(
+            f"database.flush_interval: expected 0 to 1 seconds, got {config.database.flush_interval}"
+        )
     if config.database.writer_backlog_mb < 1:
         raise ConfigError("database.writer_backlog_mb: expected at least 1")
     if config.database.queue_max < 1:

@@ -138,17 +138,8 @@ class Completion(Base):
         Index("ix_completions_model_started_at", "model", "started_at"),
         Index("ix_completions_requested_model", "requested_model"),
         Index(  # migration 0002: stats --by model reads this index only (see proxy/queries.py)
-            "ix_completions_model_stats",
-            "model",
-            "requested_model",
-            "duration_ms",
-            "started_at",
-            "outcome",
-            "prompt_tokens",
-            "completion_tokens",
-            "cached_tokens",
-            "reasoning_tokens",
-            "cost",
+            "ix_completions_model_stats", "model", "requested_model", "duration_ms", "started_at", "outcome",
+            "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost",
         ),
     )
 
@@ -159,7 +150,9 @@ class CompletionChoice(Base):
     __tablename__ = "completion_choices"
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    completion_pk: Mapped[int] = mapped_column(BigInteger, ForeignKey("completions.id", ondelete="CASCADE"), index=True)
+    completion_pk: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("completions.id", ondelete="CASCADE"), index=True
+    )
     index: Mapped[int] = mapped_column(Integer)
     finish_reason: Mapped[str | None] = mapped_column(Text)
     native_finish_reason: Mapped[str | None] = mapped_column(Text)

@@ -106,7 +106,9 @@ DROPPED_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "transfer-enco
 FEW_HEADERS = 8
 
 
-def _fast_copy(headers: Any, unusual: frozenset[str], dropped: frozenset[str]) -> tuple[CIMultiDict[str] | None, str]:
+def _fast_copy(
+    headers: Any, unusual: frozenset[str], dropped: frozenset[str]
+) -> tuple[CIMultiDict[str] | None, str]:
     """(a copy of the headers without the `dropped` names, their lowercased names joined by newlines), or
     (None, "") when the
     headers need the one-at-a-time filter: fewer than FEW_HEADERS (the loop costs less), an `unusual`
@@ -393,15 +395,8 @@ class Forwarder:
         if facts is None and call.chat and call.body is not None:
             facts = inspect_request(call.body, inject_usage=False)
         return new_record(
-            call.request_id,
-            call.started_wall,
-            call.method,
-            call.path,
-            self._upstream,
-            call.key_hash,
-            call.tag_headers,
-            call.user_header,
-            facts,
+            call.request_id, call.started_wall, call.method, call.path, self._upstream,
+            call.key_hash, call.tag_headers, call.user_header, facts,
         )
 
     def _finish(self, call: _Call, record: CompletionRecord) -> None:
@@ -603,7 +598,6 @@ class Forwarder:
         transport = request.transport
         if transport is not None:
             transport.abort()
-
 
 def _upstream_request_id(upstream: aiohttp.ClientResponse) -> str | None:
     for name in UPSTREAM_ID_HEADERS:

@@ -113,7 +113,9 @@ class PriceBook:
         self._prefixed: dict[str, str] = {}
         for pattern, found in by_pattern.items():
             best = min(_source_rank(entry.source) for entry in found)
-            chosen = sorted((e for e in found if _source_rank(e.source) == best), key=lambda e: e.effective_from)
+            chosen = sorted(
+                (e for e in found if _source_rank(e.source) == best), key=lambda e: e.effective_from
+            )
             history = _History([e.effective_from for e in chosen], chosen)
             if is_glob(pattern):
                 globs.append((pattern, history))

@@ -56,8 +56,6 @@ def short_id(request_id: str) -> str:
     """What `logs` prints for a request id: its last 8 characters. Request ids are UUIDv7, whose first 8
     characters are the time and are the same for every call in the same minute; the end is random."""
     return request_id[-8:]
-
-
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _HASH = re.compile(r"[0-9a-f]{16}")
@@ -412,10 +410,14 @@ def _group(by: str, dialect: str) -> tuple[Any, Any]:
     if by.startswith("tag:"):
         return c.tags[by[4:]].as_string(), table
     if dialect == "sqlite":  # by == "tag": one group per key=value pair
-        pairs = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued("key", "value")
+        pairs = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued(
+            "key", "value"
+        )
         pairs = pairs.alias("tag_pairs")
         return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
-    pairs = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued("key", "value")
+    pairs = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued(
+        "key", "value"
+    )
     pairs = pairs.lateral("tag_pairs")
     return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
 
@@ -433,7 +435,13 @@ def _percentile(values: Mapping[int, float], count: int, p: float) -> float | No
 
 def _index_covers(filters: Filters) -> bool:
     """Whether the stats index holds every filtered column (else walking it means a table lookup per row)."""
-    return not (filters.user or filters.tags or filters.key or filters.status is not None or filters.stream is not None)
+    return not (
+        filters.user
+        or filters.tags
+        or filters.key
+        or filters.status is not None
+        or filters.stream is not None
+    )
 
 
 async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats:
@@ -454,7 +462,8 @@ async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats
         extra = []
         if dialect != "sqlite":
             extra = [
-                func.percentile_cont(p).within_group(c.duration_ms).label(f"p{i}") for i, p in enumerate(PERCENTILES)
+                func.percentile_cont(p).within_group(c.duration_ms).label(f"p{i}")
+                for i, p in enumerate(PERCENTILES)
             ]
         query = select(key_expr.label("key"), *_aggregates(), *extra).select_from(from_).where(*where)
         for row in await conn.execute(query.group_by(key_expr)):
@@ -588,7 +597,9 @@ async def _attach_labels(conn: AsyncConnection, groups: dict[Any, StatsRow]) -> 
     hashes = [key for key in groups if key is not None]
     if not hashes:
         return
-    for row in await conn.execute(select(ApiKey.api_key_hash, ApiKey.label).where(ApiKey.api_key_hash.in_(hashes))):
+    for row in await conn.execute(
+        select(ApiKey.api_key_hash, ApiKey.label).where(ApiKey.api_key_hash.in_(hashes))
+    ):
         groups[row.api_key_hash].label = row.label
 
 
@@ -600,7 +611,9 @@ async def set_key_label(conn: AsyncConnection, value: str, label: str) -> str:
     fingerprint = key_hash(value)
     table = ApiKey.__table__
     await conn.execute(table.delete().where(table.c.api_key_hash == fingerprint))
-    await conn.execute(table.insert().values(api_key_hash=fingerprint, label=label, created_at=datetime.now(UTC)))
+    await conn.execute(
+        table.insert().values(api_key_hash=fingerprint, label=label, created_at=datetime.now(UTC))
+    )
     return fingerprint
 
 

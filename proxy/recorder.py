@@ -86,7 +86,9 @@ def record_to_row(record: CompletionRecord) -> dict[str, Any]:
             row[name] = safe_text(value)
     if record.tags:
         row["tags"] = {safe_text(str(key)): safe_text(str(value)) for key, value in record.tags.items()}
-    row["choices"] = [{name: getattr(choice, name) for name in CHOICE_COLUMNS} for choice in record.choices]
+    row["choices"] = [
+        {name: getattr(choice, name) for name in CHOICE_COLUMNS} for choice in record.choices
+    ]
     return row
 
 

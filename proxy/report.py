@@ -36,7 +36,10 @@ def table(
         widths = [max(w, len(v)) for w, v in zip(widths, row, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(cells, widths, strict=True))]
+        parts = [
+            v.rjust(w) if i in right else v.ljust(w)
+            for i, (v, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(parts).rstrip()
 
     out = [line(headers), *(line(row) for row in body)]
@@ -164,7 +167,10 @@ def format_prices(entries: Sequence[PriceEntry]) -> str:
         "SOURCE",
         "SINCE (UTC)",
     )
-    rows = [(e.model, *(_rate(getattr(e, n)) for n in RATE_FIELDS), e.source, when(e.effective_from)) for e in entries]
+    rows = [
+        (e.model, *(_rate(getattr(e, n)) for n in RATE_FIELDS), e.source, when(e.effective_from))
+        for e in entries
+    ]
     return table(headers, rows, right=(1, 2, 3, 4, 5)) + "\n(USD per million tokens)"
 
 
@@ -173,7 +179,8 @@ def format_keys(rows: Sequence[dict[str, Any]]) -> str:
         return "no labelled keys (chatledger keys label <sk-...|fingerprint> NAME)"
     headers = ("FINGERPRINT", "LABEL", "REQUESTS", "LAST SEEN (UTC)", "LABELLED (UTC)")
     lines = [
-        (r["api_key_hash"], r["label"], f"{r['requests']:,}", when(r["last_seen"]), when(r["created_at"])) for r in rows
+        (r["api_key_hash"], r["label"], f"{r['requests']:,}", when(r["last_seen"]), when(r["created_at"]))
+        for r in rows
     ]
     return table(headers, lines, right=(2,))
 

@@ -158,7 +158,8 @@ def _run_workers(config: Config, workers: int) -> int:
         return 2
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker_main, args=(config,), name=f"chatledger-worker-{n}") for n in range(workers)
+        context.Process(target=_worker_main, args=(config,), name=f"chatledger-worker-{n}")
+        for n in range(workers)
     ]
     for process in processes:
         process.start()

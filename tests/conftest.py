@@ -112,15 +112,10 @@ class Ledger:
 
     async def _select(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
-            completions = [
-                dict(r._mapping) for r in await conn.execute(select(completions_table).order_by(completions_table.c.id))
-            ]
-            choices = [
-                dict(r._mapping)
-                for r in await conn.execute(
-                    select(choices_table).order_by(choices_table.c.completion_pk, choices_table.c.index)
-                )
-            ]
+            completions = [dict(r._mapping) for r in await conn.execute(
+                select(completions_table).order_by(completions_table.c.id))]
+            choices = [dict(r._mapping) for r in await conn.execute(
+                select(choices_table).order_by(choices_table.c.completion_pk, choices_table.c.index))]
         for row in completions:
             row["choices"] = [c for c in choices if c["completion_pk"] == row["id"]]
         return completions

@@ -173,7 +173,9 @@ HTML_502 = (
 )
 
 
-def sse(*events: Any, comments: dict[int, str] | None = None, done: bool = True, newline: bytes = b"\n") -> bytes:
+def sse(
+    *events: Any, comments: dict[int, str] | None = None, done: bool = True, newline: bytes = b"\n"
+) -> bytes:
     """Encode chunks as SSE: compact JSON `data:` lines, each event ended by a blank line."""
     out = bytearray()
     for position, event in enumerate(events):
@@ -337,7 +339,9 @@ def openrouter_stream() -> bytes:
 def midstream_error_stream() -> bytes:
     base = dict(_OPENROUTER_BASE, id="gen-err-1")
     return sse(
-        _chunk(base, [{"index": 0, "delta": {"role": "assistant", "content": "Once"}, "finish_reason": None}]),
+        _chunk(
+            base, [{"index": 0, "delta": {"role": "assistant", "content": "Once"}, "finish_reason": None}]
+        ),
         _chunk(base, [{"index": 0, "delta": {"content": " upon"}, "finish_reason": None}]),
         {
             **_chunk(base, [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]),

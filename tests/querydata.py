@@ -50,7 +50,11 @@ def make_rows(count: int = 56, start: datetime | None = None) -> list[dict[str, 
         model, requested = PAIRS[i % len(PAIRS)]
         outcome = "upstream_error" if i % 7 == 3 else "client_disconnected" if i % 11 == 5 else "ok"
         status = 429 if outcome == "upstream_error" else 200
-        tags = None if i % 4 == 0 else {"team": f"t{i % 3}", **({"env": "prod" if i % 2 else "dev"} if i % 5 else {})}
+        tags = (
+            None
+            if i % 4 == 0
+            else {"team": f"t{i % 3}", **({"env": "prod" if i % 2 else "dev"} if i % 5 else {})}
+        )
         cost = None if i % 6 == 0 else Decimal(i * 37 + 11) / Decimal(1_000_000)
         rows.append(
             {
@@ -110,7 +114,9 @@ async def insert_rows(engine: AsyncEngine, rows: list[dict[str, Any]], *, labels
                 )
             ).all()
         )
-        choices = [{"completion_pk": ids[row["request_id"]], **choice} for row in rows for choice in row["choices"]]
+        choices = [
+            {"completion_pk": ids[row["request_id"]], **choice} for row in rows for choice in row["choices"]
+        ]
         if choices:
             await conn.execute(insert(choices_table), choices)
         if labels:
@@ -130,7 +136,9 @@ async def insert_rows(engine: AsyncEngine, rows: list[dict[str, Any]], *, labels
 
 
 def _model_matches(pattern: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda r: any(name is not None and fnmatchcase(name, pattern) for name in (r["model"], r["requested_model"]))
+    return lambda r: any(
+        name is not None and fnmatchcase(name, pattern) for name in (r["model"], r["requested_model"])
+    )
 
 
 def _key_matches(value: str) -> Callable[[dict[str, Any]], bool]:
@@ -153,7 +161,9 @@ def filter_cases(start: datetime, now: datetime) -> list[FilterCase]:
     day_ago = now - timedelta(hours=24)
     return [
         FilterCase("model exact (requested)", {"model": "gpt-4o"}, _model_matches("gpt-4o")),
-        FilterCase("model exact (reported)", {"model": "gpt-4o-2024-08-06"}, _model_matches("gpt-4o-2024-08-06")),
+        FilterCase(
+            "model exact (reported)", {"model": "gpt-4o-2024-08-06"}, _model_matches("gpt-4o-2024-08-06")
+        ),
         FilterCase("model glob *", {"model": "gpt-4o*"}, _model_matches("gpt-4o*")),
         FilterCase("model glob prefix", {"model": "*/gpt-4o"}, _model_matches("*/gpt-4o")),
         FilterCase("model glob ? and [!]", {"model": "gpt-4o-[!m]?2*"}, _model_matches("gpt-4o-[!m]?2*")),
@@ -178,7 +188,9 @@ def filter_cases(start: datetime, now: datetime) -> list[FilterCase]:
             lambda r: (r["tags"] or {}).get("team") == "t2" and (r["tags"] or {}).get("env") == "prod",
         ),
         FilterCase("key label", {"key": "team-search"}, _key_matches("team-search")),
-        FilterCase("key fingerprint", {"key": key_fingerprint(KEYS[2])}, _key_matches(key_fingerprint(KEYS[2]))),
+        FilterCase(
+            "key fingerprint", {"key": key_fingerprint(KEYS[2])}, _key_matches(key_fingerprint(KEYS[2]))
+        ),
         FilterCase("key itself", {"key": KEYS[1]}, _key_matches(KEYS[1])),
         FilterCase("outcome", {"outcome": "upstream_error"}, lambda r: r["outcome"] == "upstream_error"),
         FilterCase("status", {"status": "429"}, lambda r: r["status_code"] == 429),
@@ -188,7 +200,10 @@ def filter_cases(start: datetime, now: datetime) -> list[FilterCase]:
             "combined",
             {"model": "gpt-4o*", "since": mid.isoformat(), "stream": "false", "user": "user-1"},
             lambda r: (
-                _model_matches("gpt-4o*")(r) and r["started_at"] >= mid and not r["stream"] and r["user"] == "user-1"
+                _model_matches("gpt-4o*")(r)
+                and r["started_at"] >= mid
+                and not r["stream"]
+                and r["user"] == "user-1"
             ),
         ),
     ]

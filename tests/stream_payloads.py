@@ -152,7 +152,9 @@ def _openai_chunks(words: tuple[str, ...] = _OPENAI_WORDS, usage: bool = True) -
         chunks.append(
             {
                 **_OPENAI,
-                "choices": [{"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}],
+                "choices": [
+                    {"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}
+                ],
                 **null,
                 "obfuscation": "k" * number,
             }
@@ -285,7 +287,9 @@ _OPENROUTER_USAGE = {
 _PROCESSING = b" OPENROUTER PROCESSING"
 
 
-def _openrouter_delta(delta: dict[str, Any], finish: str | None = None, native: str | None = None) -> dict[str, Any]:
+def _openrouter_delta(
+    delta: dict[str, Any], finish: str | None = None, native: str | None = None
+) -> dict[str, Any]:
     return {
         **_OPENROUTER,
         "choices": [
@@ -347,7 +351,9 @@ def _openrouter_case() -> StreamCase:
                 cost_source="upstream",
             ),
         },
-        choices=({"index": 0, "finish_reason": "stop", "native_finish_reason": "end_turn", "role": "assistant"},),
+        choices=(
+            {"index": 0, "finish_reason": "stop", "native_finish_reason": "end_turn", "role": "assistant"},
+        ),
         chunks=tuple(chunks),
         usage_block=None,  # OpenRouter always sends usage: the client would get it without the proxy too
         text={0: "".join(words)},
@@ -413,7 +419,9 @@ def _midstream_error_case() -> StreamCase:
             "error": _MIDSTREAM_ERROR["message"],
             **NULL_TOKENS,
         },
-        choices=({"index": 0, "finish_reason": "error", "native_finish_reason": "error", "role": "assistant"},),
+        choices=(
+            {"index": 0, "finish_reason": "error", "native_finish_reason": "error", "role": "assistant"},
+        ),
         chunks=tuple(chunks),
         client_error=_MIDSTREAM_ERROR["message"],
         text={0: "".join(words)},
@@ -506,7 +514,9 @@ def _tool_calls_case() -> StreamCase:
                 reasoning_tokens=0,
             ),
         },
-        choices=({"index": 0, "finish_reason": "tool_calls", "native_finish_reason": None, "role": "assistant"},),
+        choices=(
+            {"index": 0, "finish_reason": "tool_calls", "native_finish_reason": None, "role": "assistant"},
+        ),
         chunks=tuple(chunks),
         usage_block=len(chunks) - 1,
         tool_calls={i: (name, "".join(pieces)) for i, (_, name, pieces) in _CALLS.items()},
@@ -725,7 +735,9 @@ def _vllm_case() -> StreamCase:
             "service_tier": None,
             "outcome": "ok",
             "error": None,
-            **_tokens(_vllm_usage(n), prompt_tokens=_VLLM_PROMPT, completion_tokens=n, total_tokens=_VLLM_PROMPT + n),
+            **_tokens(
+                _vllm_usage(n), prompt_tokens=_VLLM_PROMPT, completion_tokens=n, total_tokens=_VLLM_PROMPT + n
+            ),
         },
         choices=({"index": 0, "finish_reason": "stop", "native_finish_reason": None, "role": "assistant"},),
         chunks=tuple(chunks),
@@ -839,7 +851,9 @@ def _llamacpp_case() -> StreamCase:
             **_LLAMA,
         }
     ]
-    chunks += [{"choices": [{"finish_reason": None, "index": 0, "delta": {"content": w}}], **_LLAMA} for w in words]
+    chunks += [
+        {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": w}}], **_LLAMA} for w in words
+    ]
     chunks.append({"choices": [{"finish_reason": "stop", "index": 0, "delta": {}}], **_LLAMA})
     chunks.append({"choices": [], **_LLAMA, "usage": _LLAMA_USAGE, "timings": _LLAMA_TIMINGS})
     return StreamCase(
@@ -877,7 +891,9 @@ def _multiline_case() -> StreamCase:
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
         }
     ]
-    chunks += [{**_EDGE, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words]
+    chunks += [
+        {**_EDGE, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words
+    ]
     chunks.append({**_EDGE, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     blocks = [
         data_block(chunks[0], space=False),

@@ -78,7 +78,9 @@ async def with_token(upstream: FakeUpstream, sqlite_url: str, tmp_path: Path) ->
 PATHS = (API, API + "/some-id", "/_ledger/api/stats", "/_ledger/metrics")
 
 
-async def test_loopback_without_token_is_open(upstream: FakeUpstream, sqlite_url: str, tmp_path: Path) -> None:
+async def test_loopback_without_token_is_open(
+    upstream: FakeUpstream, sqlite_url: str, tmp_path: Path
+) -> None:
     ledger = await start_ledger(make_config(upstream.url, sqlite_url, tmp_path))
     try:
         assert ledger.config.server.host == "127.0.0.1"
@@ -90,7 +92,9 @@ async def test_loopback_without_token_is_open(upstream: FakeUpstream, sqlite_url
         await ledger.stop()
 
 
-async def test_without_a_token_a_public_server_refuses_everyone(public_no_token: Ledger, with_token: Ledger) -> None:
+async def test_without_a_token_a_public_server_refuses_everyone(
+    public_no_token: Ledger, with_token: Ledger
+) -> None:
     wrong = await get(with_token, API, token="wrong-token")
     assert wrong[0] == 403
     for path in PATHS:
@@ -195,12 +199,16 @@ async def test_rows_carry_every_column_and_choices(seeded: Any) -> None:
         ({"colour": "red"}, "colour"),
     ],
 )
-async def test_invalid_values_are_400_naming_the_parameter(ledger: Ledger, params: dict[str, str], param: str) -> None:
+async def test_invalid_values_are_400_naming_the_parameter(
+    ledger: Ledger, params: dict[str, str], param: str
+) -> None:
     status, body, _ = await get(ledger, API, params)
     assert status == 400
     assert body["error"]["param"] == param
     assert body["error"]["code"] == "invalid_parameter"
-    status, body, _ = await get(ledger, "/_ledger/api/stats", {**params, "limit": "1"} if param == "limit" else params)
+    status, body, _ = await get(
+        ledger, "/_ledger/api/stats", {**params, "limit": "1"} if param == "limit" else params
+    )
     if param not in ("limit", "cursor"):
         assert status == 400
         assert body["error"]["param"] == param
@@ -257,7 +265,9 @@ async def test_one_completion_by_request_id(ledger: Ledger) -> None:
     assert body["model"] == OPENAI_BASIC["model"]
     assert body["completion_id"] == OPENAI_BASIC["id"]
     assert body["prompt_tokens"] == OPENAI_BASIC["usage"]["prompt_tokens"]
-    assert body["choices"] == [{"index": 0, "finish_reason": "stop", "native_finish_reason": None, "role": "assistant"}]
+    assert body["choices"] == [
+        {"index": 0, "finish_reason": "stop", "native_finish_reason": None, "role": "assistant"}
+    ]
     status, body, _ = await get(ledger, f"{API}/nope")
     assert status == 404
     assert body["error"]["code"] == "not_found"
@@ -273,5 +283,7 @@ async def test_stats(seeded: Any) -> None:
     assert [r["key"] for r in body["rows"]] == [r.key for r in direct.rows]
     assert [r["requests"] for r in body["rows"]] == [r.requests for r in direct.rows]
     assert [r["p50_ms"] for r in body["rows"]] == [r.p50_ms for r in direct.rows]
-    assert [r["cost"] for r in body["rows"]] == [float(r.cost) if r.cost is not None else None for r in direct.rows]
+    assert [r["cost"] for r in body["rows"]] == [
+        float(r.cost) if r.cost is not None else None for r in direct.rows
+    ]
     assert body["totals"]["requests"] == direct.totals.requests > 0

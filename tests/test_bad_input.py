@@ -65,10 +65,16 @@ def handler_crashes(caplog: pytest.LogCaptureFixture) -> list[str]:
         pytest.param(b'"just a string"', "application/json", None, id="json-string"),
         pytest.param(b"null", "application/json", None, id="json-null"),
         pytest.param(b"", "application/json", None, id="empty"),
-        pytest.param(b'{"model": "gpt-4o"}', "text/plain", "gpt-4o", id="text-plain"),  # content type not checked
+        pytest.param(
+            b'{"model": "gpt-4o"}', "text/plain", "gpt-4o", id="text-plain"
+        ),  # content type not checked
         pytest.param(b"model=gpt-4o&stream=true", "application/x-www-form-urlencoded", None, id="form"),
-        pytest.param(b'{"model": "caf\xe9\xff", "stream": true}', "application/json", None, id="non-utf8-body"),
-        pytest.param(b'{"stream": true, "model": "x"', "application/json", None, id="truncated-stream-request"),
+        pytest.param(
+            b'{"model": "caf\xe9\xff", "stream": true}', "application/json", None, id="non-utf8-body"
+        ),
+        pytest.param(
+            b'{"stream": true, "model": "x"', "application/json", None, id="truncated-stream-request"
+        ),
         pytest.param(b"\x00\x01\x02\xff" * 64, "application/octet-stream", None, id="binary"),
     ],
 )
@@ -158,7 +164,8 @@ async def test_body_over_the_limit_is_413_json_and_never_forwarded(
         pytest.param(b"GET /v1/mod\xffels HTTP/1.1\r\nHost: x\r\n\r\n", id="non-utf8-target"),
         pytest.param(b"\x00\x01\x02 garbage\r\n\r\n", id="not-http"),
         pytest.param(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 9\r\n\r\n{}",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 5\r\nContent-Length: 9\r\n\r\n{}",
             id="conflicting-content-length",
         ),
     ],
@@ -174,7 +181,9 @@ async def test_absurd_request_heads_get_400_before_any_handler(
         assert health.status == 200
 
 
-async def test_non_utf8_headers_are_forwarded_and_stored_sanitized(ledger: Ledger, upstream: FakeUpstream) -> None:
+async def test_non_utf8_headers_are_forwarded_and_stored_sanitized(
+    ledger: Ledger, upstream: FakeUpstream
+) -> None:
     body = b'{"model": "gpt-4o", "user": "u\\u0000x"}'
     response = await raw_request(
         ledger.port,

@@ -103,7 +103,9 @@ async def test_logs_table(seeded: Seeded, capsys: pytest.CaptureFixture[str]) ->
     assert out.strip() == "no completions match"
 
 
-async def test_logs_json_has_every_column_and_choices(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_logs_json_has_every_column_and_choices(
+    seeded: Seeded, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = await run_cli(capsys, "logs", "--database", seeded.url, "--json", "-n", "7")
     found = json_lines(out)
     assert code == 0
@@ -144,7 +146,9 @@ async def test_logs_show(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> 
             ["choice", "0"],
             ["choice", "1"],
         ]
-    code, out, _ = await run_cli(capsys, "logs", "show", target["request_id"], "--database", seeded.url, "--json")
+    code, out, _ = await run_cli(
+        capsys, "logs", "show", target["request_id"], "--database", seeded.url, "--json"
+    )
     [item] = json_lines(out)
     assert item["id"] == target["id"]
     assert len(item["choices"]) == 2
@@ -161,7 +165,9 @@ async def test_logs_show(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> 
 async def test_stats(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
     async with seeded.engine.connect() as conn:
         direct = await fetch_stats(conn, "user", Filters(stream=False))
-    code, out, _ = await run_cli(capsys, "stats", "--by", "user", "--no-stream", "--database", seeded.url, "--json")
+    code, out, _ = await run_cli(
+        capsys, "stats", "--by", "user", "--no-stream", "--database", seeded.url, "--json"
+    )
     result = orjson.loads(out)
     assert code == 0
     assert result["by"] == "user"
@@ -181,7 +187,9 @@ async def test_stats(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None
     assert "--by" in err
 
 
-async def test_export_csv_and_jsonl(seeded: Seeded, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_export_csv_and_jsonl(
+    seeded: Seeded, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     expected = sorted((r for r in seeded.rows if r["user"] == "user-1"), key=lambda r: r["id"])
     target = tmp_path / "out.csv"
     code, _, err = await run_cli(
@@ -202,7 +210,9 @@ async def test_export_csv_and_jsonl(seeded: Seeded, tmp_path: Path, capsys: pyte
         assert row["finish_reasons"] == ",".join(c["finish_reason"] for c in source["choices"])
         assert row["model"] == (source["model"] or "")
 
-    code, out, _ = await run_cli(capsys, "export", "--user", "user-1", "--database", seeded.url)  # jsonl, stdout
+    code, out, _ = await run_cli(
+        capsys, "export", "--user", "user-1", "--database", seeded.url
+    )  # jsonl, stdout
     items = json_lines(out)
     assert [item["id"] for item in items] == [r["id"] for r in expected]
     assert [item["choices"] for item in items] == [r["choices"] for r in expected]
@@ -237,7 +247,9 @@ async def _export_peak(url: str, rows: int, target: Path) -> int:
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        code = await asyncio.to_thread(main, ["export", "--format", "jsonl", "-o", str(target), "--database", url])
+        code = await asyncio.to_thread(
+            main, ["export", "--format", "jsonl", "-o", str(target), "--database", url]
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -249,8 +261,12 @@ async def _export_peak(url: str, rows: int, target: Path) -> int:
 
 @pytest.mark.slow
 async def test_export_streams_100k_rows_in_bounded_memory(tmp_path: Path) -> None:
-    small = await _export_peak(f"sqlite+aiosqlite:///{tmp_path / 'small.db'}", 10_000, tmp_path / "small.jsonl")
-    large = await _export_peak(f"sqlite+aiosqlite:///{tmp_path / 'large.db'}", 100_000, tmp_path / "large.jsonl")
+    small = await _export_peak(
+        f"sqlite+aiosqlite:///{tmp_path / 'small.db'}", 10_000, tmp_path / "small.jsonl"
+    )
+    large = await _export_peak(
+        f"sqlite+aiosqlite:///{tmp_path / 'large.db'}", 100_000, tmp_path / "large.jsonl"
+    )
     size = (tmp_path / "large.jsonl").stat().st_size
     assert size > 80 * 2**20  # the whole export, held in memory, would need well over this
     assert large < 40 * 2**20, large
@@ -265,7 +281,9 @@ async def test_keys_label_and_list(seeded: Seeded, capsys: pytest.CaptureFixture
     assert fingerprint in out
     assert secret not in out
     other = key_fingerprint("sk-gamma-0003")  # in the seeded rows
-    code, out, _ = await run_cli(capsys, "keys", "label", other, "team-gamma", "--database", seeded.url, "--json")
+    code, out, _ = await run_cli(
+        capsys, "keys", "label", other, "team-gamma", "--database", seeded.url, "--json"
+    )
     assert orjson.loads(out) == {"api_key_hash": other, "label": "team-gamma"}
     code, _, _ = await run_cli(capsys, "keys", "label", other, "team-gamma-2", "--database", seeded.url)
     async with seeded.engine.connect() as conn:
@@ -281,7 +299,9 @@ async def test_keys_label_and_list(seeded: Seeded, capsys: pytest.CaptureFixture
     assert listed[other]["label"] == "team-gamma-2"
     assert listed[other]["requests"] == sum(1 for r in seeded.rows if r["api_key_hash"] == other)
 
-    code, out, _ = await run_cli(capsys, "logs", "--key", "team-gamma-2", "-n", "0", "--json", "--database", seeded.url)
+    code, out, _ = await run_cli(
+        capsys, "logs", "--key", "team-gamma-2", "-n", "0", "--json", "--database", seeded.url
+    )
     assert {item["api_key_hash"] for item in json_lines(out)} == {other}
     code, _, err = await run_cli(capsys, "keys", "label", secret, "  ", "--database", seeded.url)
     assert code == 2

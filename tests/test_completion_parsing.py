@@ -349,10 +349,15 @@ def test_detail_objects_of_the_wrong_type_are_ignored(details: Any) -> None:
 
 def test_cached_token_sources_in_order() -> None:
     assert (
-        usage_record({"prompt_tokens_details": {"cached_tokens": 5}, "prompt_cache_hit_tokens": 9}).cached_tokens == 5
+        usage_record(
+            {"prompt_tokens_details": {"cached_tokens": 5}, "prompt_cache_hit_tokens": 9}
+        ).cached_tokens
+        == 5
     )
     assert (
-        usage_record({"prompt_tokens_details": {"cached_tokens": None}, "prompt_cache_hit_tokens": 9}).cached_tokens
+        usage_record(
+            {"prompt_tokens_details": {"cached_tokens": None}, "prompt_cache_hit_tokens": 9}
+        ).cached_tokens
         == 9
     )
     assert usage_record({"input_tokens_details": {"cached_tokens": 4}}).cached_tokens == 4
@@ -418,7 +423,9 @@ def test_bad_choices_give_no_choice_rows(choices: Any) -> None:
 
 
 def test_choice_without_index_takes_its_position() -> None:
-    body = dict(OPENAI_N2, choices=[{k: v for k, v in c.items() if k != "index"} for c in OPENAI_N2["choices"]])
+    body = dict(
+        OPENAI_N2, choices=[{k: v for k, v in c.items() if k != "index"} for c in OPENAI_N2["choices"]]
+    )
     _, record = parsed(body)
     assert [(c.index, c.finish_reason) for c in record.choices] == [(0, "stop"), (1, "length")]
 
@@ -778,7 +785,9 @@ async def test_openai_n2_gives_two_choice_rows(ledger: Ledger, upstream: FakeUps
 
 
 async def test_openrouter_with_cost(ledger: Ledger, upstream: FakeUpstream) -> None:
-    upstream.add("or", json_reply(OPENROUTER_WITH_COST, headers={"X-Generation-Id": OPENROUTER_WITH_COST["id"]}))
+    upstream.add(
+        "or", json_reply(OPENROUTER_WITH_COST, headers={"X-Generation-Id": OPENROUTER_WITH_COST["id"]})
+    )
     exchange, result = await openrouter_call(
         ledger,
         "or",
@@ -919,7 +928,9 @@ async def test_html_error_page(ledger: Ledger, upstream: FakeUpstream) -> None:
     )
 
 
-@pytest.mark.parametrize("payload", [MODELS_LIST, {"status": "queued"}, [1, 2]], ids=["list", "object", "array"])
+@pytest.mark.parametrize(
+    "payload", [MODELS_LIST, {"status": "queued"}, [1, 2]], ids=["list", "object", "array"]
+)
 async def test_200_json_that_is_not_a_completion_is_unparsed(
     ledger: Ledger, upstream: FakeUpstream, payload: Any
 ) -> None:
@@ -931,7 +942,9 @@ async def test_200_json_that_is_not_a_completion_is_unparsed(
             json={"model": "gpt-4o"},
             headers={"X-Fake-Scenario": "odd", "Authorization": f"Bearer {KEY}"},
         ) as response:
-            exchange = Exchange(response.status, response.headers, await response.read(), before, datetime.now(UTC))
+            exchange = Exchange(
+                response.status, response.headers, await response.read(), before, datetime.now(UTC)
+            )
     assert exchange.body == orjson.dumps(payload)
     assert_row(
         await ledger.row(),
@@ -957,7 +970,9 @@ async def test_unknown_cost_is_null_not_zero(ledger: Ledger, upstream: FakeUpstr
     assert row["outcome"] == "ok"
     assert exchange.body == orjson.dumps(OPENAI_BASIC)
     async with ledger.engine.connect() as conn:
-        assert (await conn.execute(text("SELECT count(*) FROM completions WHERE cost IS NULL"))).scalar_one() == 1
+        assert (
+            await conn.execute(text("SELECT count(*) FROM completions WHERE cost IS NULL"))
+        ).scalar_one() == 1
 
 
 async def test_tags_header_is_capped(ledger: Ledger, upstream: FakeUpstream) -> None:

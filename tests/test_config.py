@@ -101,11 +101,15 @@ def test_example_pricing_block_is_a_valid_config(tmp_path: Path) -> None:
     """Uncommenting the pricing example gives a config with every ModelPrice field set."""
     text = EXAMPLE.read_text()
     block = text[text.index("# [pricing]") :]
-    uncommented = "\n".join(line[2:] for line in block.splitlines() if re.match(r"# (\[pricing|[a-z_]+ = )", line))
+    uncommented = "\n".join(
+        line[2:] for line in block.splitlines() if re.match(r"# (\[pricing|[a-z_]+ = )", line)
+    )
     config = load_file(write(tmp_path, uncommented))
     [(model, price)] = config.pricing.models.items()
     assert isinstance(price, ModelPrice)
-    assert {f.name for f in dataclasses.fields(ModelPrice)} <= set(re.findall(r"^([a-z_]+) =", uncommented, re.M))
+    assert {f.name for f in dataclasses.fields(ModelPrice)} <= set(
+        re.findall(r"^([a-z_]+) =", uncommented, re.M)
+    )
     assert all(getattr(price, f.name) is not None for f in dataclasses.fields(ModelPrice)), model
     assert dataclasses.replace(config, pricing=Config().pricing) == Config()
     for name in (f.name for f in dataclasses.fields(PricingConfig)):
@@ -317,7 +321,10 @@ def test_main_reports_a_bad_environment_value(
     monkeypatch.setenv("CHATLEDGER_PORT", "eighty")
     assert main(["serve"]) == 2
     [line] = capsys.readouterr().err.splitlines()
-    assert line == "chatledger: config error: server.port (from CHATLEDGER_PORT): expected an integer, got 'eighty'"
+    assert (
+        line
+        == "chatledger: config error: server.port (from CHATLEDGER_PORT): expected an integer, got 'eighty'"
+    )
 
 
 def test_bad_config_exits_2_as_a_process(tmp_path: Path) -> None:

@@ -68,7 +68,9 @@ async def raw_http(port: int, request: bytes) -> tuple[int, list[tuple[str, str]
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = [(name, value.strip()) for name, _, value in (line.partition(":") for line in lines[1:])]
-    assert not any(n.lower() == "transfer-encoding" and "chunked" in v for n, v in headers), "use Content-Length"
+    assert not any(n.lower() == "transfer-encoding" and "chunked" in v for n, v in headers), (
+        "use Content-Length"
+    )
     return int(lines[0].split()[1]), headers, body
 
 
@@ -98,7 +100,9 @@ async def raw_upstream(response: bytes) -> AsyncIterator[tuple[str, list[bytes]]
 
 
 @contextlib.asynccontextmanager
-async def proxy_for(upstream_url: str, database_url: str, tmp_path: Path, **sections: Any) -> AsyncIterator[Ledger]:
+async def proxy_for(
+    upstream_url: str, database_url: str, tmp_path: Path, **sections: Any
+) -> AsyncIterator[Ledger]:
     ledger = await start_ledger(make_config(upstream_url, database_url, tmp_path, **sections))
     try:
         yield ledger
@@ -324,7 +328,9 @@ def gzip_scenario(
     return compressed, scenario
 
 
-async def test_gzip_response_reaches_the_client_intact_and_is_parsed(ledger: Ledger, upstream: FakeUpstream) -> None:
+async def test_gzip_response_reaches_the_client_intact_and_is_parsed(
+    ledger: Ledger, upstream: FakeUpstream
+) -> None:
     payload = orjson.dumps(OPENAI_BASIC)
     compressed, scenario = gzip_scenario(payload)
     upstream.add("gz", scenario)
@@ -360,7 +366,9 @@ async def test_gzip_response_through_the_openai_client(ledger: Ledger, upstream:
     assert (await ledger.row())["total_tokens"] == OPENAI_BASIC["usage"]["total_tokens"]
 
 
-async def test_corrupt_gzip_is_passed_through_and_logged_unparsed(ledger: Ledger, upstream: FakeUpstream) -> None:
+async def test_corrupt_gzip_is_passed_through_and_logged_unparsed(
+    ledger: Ledger, upstream: FakeUpstream
+) -> None:
     garbage = b"\x1f\x8b\x08\x00not really gzip at all"
     upstream.add("bad", json_reply(None, raw=garbage, headers={"Content-Encoding": "gzip"}))
     async with (
@@ -448,7 +456,9 @@ async def test_html_error_page_passes_through_and_is_logged(ledger: Ledger, upst
     upstream.add("html", json_reply(None, status=502, raw=HTML_502, content_type="text/html"))
     async with (
         aiohttp.ClientSession() as session,
-        session.post(ledger.url + CHAT, json={"model": "gpt-4o"}, headers={"X-Fake-Scenario": "html"}) as response,
+        session.post(
+            ledger.url + CHAT, json={"model": "gpt-4o"}, headers={"X-Fake-Scenario": "html"}
+        ) as response,
     ):
         assert response.status == 502
         assert response.headers["Content-Type"].startswith("text/html")
@@ -515,7 +525,9 @@ async def test_upstream_hanging_before_headers_gives_504(
     async with proxy_for(upstream.url, database_url, tmp_path, upstream={"read_timeout": 0.3}) as ledger:
         async with (
             aiohttp.ClientSession() as session,
-            session.post(ledger.url + CHAT, json={"model": "gpt-4o"}, headers={"X-Fake-Scenario": "hang"}) as response,
+            session.post(
+                ledger.url + CHAT, json={"model": "gpt-4o"}, headers={"X-Fake-Scenario": "hang"}
+            ) as response,
         ):
             assert response.status == 504
             assert_proxy_error(await response.read(), "upstream_timeout")
@@ -539,7 +551,9 @@ async def test_upstream_hanging_mid_body_cuts_the_client_off(
     async with proxy_for(upstream.url, database_url, tmp_path, upstream={"read_timeout": 0.3}) as ledger:
         async with (
             aiohttp.ClientSession() as session,
-            session.post(ledger.url + CHAT, json={"model": "gpt-4o"}, headers={"X-Fake-Scenario": "half"}) as response,
+            session.post(
+                ledger.url + CHAT, json={"model": "gpt-4o"}, headers={"X-Fake-Scenario": "half"}
+            ) as response,
         ):
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
@@ -583,7 +597,9 @@ async def test_oversized_request_body_gives_413_without_an_upstream_call(
     assert row["api_key_hash"] == KEY_HASH
 
 
-async def test_body_at_the_limit_is_forwarded(upstream: FakeUpstream, database_url: str, tmp_path: Path) -> None:
+async def test_body_at_the_limit_is_forwarded(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
     body = b'{"model":"m","pad":"' + b"y" * 100 + b'"}'
     async with proxy_for(upstream.url, database_url, tmp_path, server={"max_body_size": len(body)}) as ledger:
         async with aiohttp.ClientSession() as session, session.post(ledger.url + CHAT, data=body) as response:
@@ -696,7 +712,9 @@ def echo_key_scenarios(upstream: FakeUpstream) -> None:
         return web.json_response({"error": {"message": f"key {presented(request)} is disabled", "code": 403}})
 
     async def html_500(request: web.Request, _body: bytes) -> web.StreamResponse:
-        return web.Response(status=500, text=f"<h1>bad key {presented(request)}</h1>", content_type="text/html")
+        return web.Response(
+            status=500, text=f"<h1>bad key {presented(request)}</h1>", content_type="text/html"
+        )
 
     async def stream_error(request: web.Request, body: bytes) -> web.StreamResponse:
         data = midstream_error_stream().replace(
@@ -742,7 +760,10 @@ async def test_the_raw_key_is_stored_nowhere(
     assert all(row["error"] for row in rows[1:])
     assert all("[redacted]" in row["error"] for row in rows[1:]), [row["error"] for row in rows]
     assert all(
-        KEY in (r.headers.get("authorization", "") + r.headers.get("api-key", "") + r.headers.get("x-api-key", ""))
+        KEY
+        in (
+            r.headers.get("authorization", "") + r.headers.get("api-key", "") + r.headers.get("x-api-key", "")
+        )
         for r in upstream.requests
     )
 
@@ -764,7 +785,11 @@ async def test_the_raw_key_is_stored_nowhere(
             assert "completions" in tables
             dump = []
             for table in tables:
-                dump += (await conn.execute(text(f'SELECT row_to_json(t)::text FROM "{table}" t'))).scalars().all()
+                dump += (
+                    (await conn.execute(text(f'SELECT row_to_json(t)::text FROM "{table}" t')))
+                    .scalars()
+                    .all()
+                )
         text_dump = "\n".join(dump)
         assert KEY_HASH in text_dump
         assert KEY[3:] not in text_dump

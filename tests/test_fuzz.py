@@ -75,7 +75,9 @@ JSON_OBJECTS = st.dictionaries(KEYS, JSON_VALUES, max_size=8)
 
 
 def new_record() -> CompletionRecord:
-    return CompletionRecord("req", datetime(2025, 1, 1, tzinfo=UTC), "POST", "/v1/chat/completions", "http://u")
+    return CompletionRecord(
+        "req", datetime(2025, 1, 1, tzinfo=UTC), "POST", "/v1/chat/completions", "http://u"
+    )
 
 
 def assert_storable(record: CompletionRecord) -> None:
@@ -204,7 +206,9 @@ def test_stream_folder_bounds_the_choices_a_stream_can_name() -> None:
     stream=st.sampled_from([True, False, None, "true", 1]),
     spaces=st.sampled_from(["", " ", "\n"]),
 )
-def test_inspect_request_injection_keeps_the_clients_json(obj: dict[str, Any], stream: Any, spaces: str) -> None:
+def test_inspect_request_injection_keeps_the_clients_json(
+    obj: dict[str, Any], stream: Any, spaces: str
+) -> None:
     obj = {**obj, "stream": stream}
     body = orjson.dumps(obj) + spaces.encode()
     facts = inspect_request(body, inject_usage=True)

@@ -79,8 +79,12 @@ async def test_metrics_after_real_calls(upstream: FakeUpstream, database_url: st
     up = upstream.url
     basic, mini, sonnet = OPENAI_BASIC["model"], "gpt-4o-mini-2024-07-18", OPENROUTER_WITH_COST["model"]
     assert len(rows) == 5
-    assert value(samples, "chatledger_requests_total", upstream=up, model=basic, status="200", outcome="ok") == 2
-    assert value(samples, "chatledger_requests_total", upstream=up, model=mini, status="200", outcome="ok") == 1
+    assert (
+        value(samples, "chatledger_requests_total", upstream=up, model=basic, status="200", outcome="ok") == 2
+    )
+    assert (
+        value(samples, "chatledger_requests_total", upstream=up, model=mini, status="200", outcome="ok") == 1
+    )
     assert (
         value(
             samples,
@@ -92,10 +96,16 @@ async def test_metrics_after_real_calls(upstream: FakeUpstream, database_url: st
         )
         == 1
     )
-    assert value(samples, "chatledger_requests_total", upstream=up, model=sonnet, status="200", outcome="ok") == 1
+    assert (
+        value(samples, "chatledger_requests_total", upstream=up, model=sonnet, status="200", outcome="ok")
+        == 1
+    )
 
     usage = OPENAI_BASIC["usage"]
-    assert value(samples, "chatledger_prompt_tokens_total", upstream=up, model=basic) == 2 * usage["prompt_tokens"]
+    assert (
+        value(samples, "chatledger_prompt_tokens_total", upstream=up, model=basic)
+        == 2 * usage["prompt_tokens"]
+    )
     assert value(samples, "chatledger_completion_tokens_total", upstream=up, model=basic) == (
         2 * usage["completion_tokens"]
     )
@@ -115,10 +125,12 @@ async def test_metrics_after_real_calls(upstream: FakeUpstream, database_url: st
 
     assert value(samples, "chatledger_request_duration_seconds_count", upstream=up, model=basic) == 2
     durations = [row["duration_ms"] / 1000 for row in rows if row["model"] == basic]
-    assert value(samples, "chatledger_request_duration_seconds_sum", upstream=up, model=basic) == pytest.approx(
-        sum(durations)
+    assert value(
+        samples, "chatledger_request_duration_seconds_sum", upstream=up, model=basic
+    ) == pytest.approx(sum(durations))
+    assert (
+        value(samples, "chatledger_request_duration_seconds_bucket", upstream=up, model=basic, le="+Inf") == 2
     )
-    assert value(samples, "chatledger_request_duration_seconds_bucket", upstream=up, model=basic, le="+Inf") == 2
     assert value(samples, "chatledger_time_to_first_token_seconds_count", upstream=up, model=mini) == 1
     assert (
         "chatledger_time_to_first_token_seconds_count",
@@ -201,7 +213,9 @@ def test_pre_bucketed_histograms_match_prometheus_clients_own() -> None:
 
     ours = histogram_samples(parse(metrics.render().decode()))
     expected = histogram_samples(parse(generate_latest(registry).decode()))
-    assert len(expected) == 2 * (len(metrics_module.DURATION_BUCKETS) + 3) + 2 * (len(metrics_module.TTFT_BUCKETS) + 3)
+    assert len(expected) == 2 * (len(metrics_module.DURATION_BUCKETS) + 3) + 2 * (
+        len(metrics_module.TTFT_BUCKETS) + 3
+    )
     assert ours.keys() == expected.keys()
     for key, count in expected.items():
         assert ours[key] == pytest.approx(count), key

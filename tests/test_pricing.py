@@ -44,7 +44,9 @@ MILLION = D(1_000_000)
 def entry(
     model: str, prompt: str, completion: str, when: datetime = T0, source: str = "config", **rates: str
 ) -> PriceEntry:
-    return PriceEntry(model, when, D(prompt), D(completion), **{k: D(v) for k, v in rates.items()}, source=source)
+    return PriceEntry(
+        model, when, D(prompt), D(completion), **{k: D(v) for k, v in rates.items()}, source=source
+    )
 
 
 # ---- arithmetic -------------------------------------------------------------------------------
@@ -67,7 +69,10 @@ def test_cache_write_tokens_at_their_rate_when_priced() -> None:
         == (252 * 3 + 2048 * D("0.3") + 100 * D("3.75") + 120 * 15) / MILLION
     )
     unpriced_write = entry("s", "3", "15", cache_read="0.3")
-    assert compute_cost(unpriced_write, 2400, 120, 2048, 100, 40) == (352 * 3 + 2048 * D("0.3") + 120 * 15) / MILLION
+    assert (
+        compute_cost(unpriced_write, 2400, 120, 2048, 100, 40)
+        == (352 * 3 + 2048 * D("0.3") + 120 * 15) / MILLION
+    )
 
 
 def test_reasoning_tokens_move_to_their_rate_only_when_priced_separately() -> None:
@@ -158,7 +163,9 @@ def test_price_history_uses_the_price_in_effect() -> None:
 
 
 def test_config_prices_take_precedence_over_synced_ones() -> None:
-    book = PriceBook([entry("m", "9", "9", T0 + timedelta(days=5), source="openrouter"), entry("m", "1", "1", T0)])
+    book = PriceBook(
+        [entry("m", "9", "9", T0 + timedelta(days=5), source="openrouter"), entry("m", "1", "1", T0)]
+    )
     for when in (T0, T0 + timedelta(days=6)):
         price = book.price_for("m", None, when)
         assert price is not None
@@ -178,7 +185,9 @@ def record(**fields: Any) -> CompletionRecord:
 
 
 def test_apply_fills_only_unpriced_records() -> None:
-    upstream_cost = record(model="gpt-4o", prompt_tokens=10, completion_tokens=1, cost=D("0.5"), cost_source="upstream")
+    upstream_cost = record(
+        model="gpt-4o", prompt_tokens=10, completion_tokens=1, cost=D("0.5"), cost_source="upstream"
+    )
     priced = record(model="gpt-4o", prompt_tokens=1000, completion_tokens=100)
     unknown_model = record(model="mystery", prompt_tokens=1000, completion_tokens=100)
     no_usage = record(model="gpt-4o")
@@ -431,7 +440,9 @@ async def test_prices_sync_reports_a_failing_upstream(
 ) -> None:
     upstream.add("down", json_reply({"error": "nope"}, status=503))
     upstream.default = "down"
-    code, out, err = await run_cli(capsys, "prices", "sync", "--database", database_url, "--upstream", upstream.url)
+    code, out, err = await run_cli(
+        capsys, "prices", "sync", "--database", database_url, "--upstream", upstream.url
+    )
     assert code == 1
     assert out == ""
     assert "503" in err
@@ -481,7 +492,9 @@ async def test_reprice(database_url: str, tmp_path: Path, capsys: pytest.Capture
     async def costs() -> dict[str, tuple[Decimal | None, str | None]]:
         async with engine.connect() as conn:
             found = await conn.execute(
-                select(completions_table.c.request_id, completions_table.c.cost, completions_table.c.cost_source)
+                select(
+                    completions_table.c.request_id, completions_table.c.cost, completions_table.c.cost_source
+                )
             )
             return {r.request_id: (r.cost, r.cost_source) for r in found}
 

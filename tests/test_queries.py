@@ -169,7 +169,9 @@ def test_key_hash() -> None:
 
 
 class Seeded:
-    def __init__(self, engine: AsyncEngine, rows: list[dict[str, Any]], start: datetime, now: datetime) -> None:
+    def __init__(
+        self, engine: AsyncEngine, rows: list[dict[str, Any]], start: datetime, now: datetime
+    ) -> None:
         self.engine, self.rows, self.start, self.now = engine, rows, start, now
 
 
@@ -218,7 +220,9 @@ async def test_fetch_one_by_request_id_completion_id_or_prefix(seeded: Seeded) -
         for ident in (request_id, target["completion_id"], request_id[-8:], request_id[:8]):
             found = await fetch_completion(conn, ident)
             assert [row["id"] for row in found] == [target["id"]], ident
-            assert [c["finish_reason"] for c in found[0]["choices"]] == [c["finish_reason"] for c in target["choices"]]
+            assert [c["finish_reason"] for c in found[0]["choices"]] == [
+                c["finish_reason"] for c in target["choices"]
+            ]
         assert await fetch_completion(conn, "no-such-id") == []
         assert await fetch_completion(conn, "%%%%%%") == []  # a prefix is not a LIKE pattern
 
@@ -255,7 +259,9 @@ def _compare_stats(found: Any, rows: list[dict[str, Any]], by: str, exact_cost: 
     assert abs(total["cost"] - totals["cost"]) < Decimal("1e-9")
 
 
-@pytest.mark.parametrize("by", ["model", "day", "hour", "user", "key", "tag", "tag:team", "provider", "upstream"])
+@pytest.mark.parametrize(
+    "by", ["model", "day", "hour", "user", "key", "tag", "tag:team", "provider", "upstream"]
+)
 async def test_stats_by_every_dimension(seeded: Seeded, by: str) -> None:
     async with seeded.engine.connect() as conn:
         found = await fetch_stats(conn, by, Filters())

@@ -133,7 +133,9 @@ async def test_batches_are_written_with_their_choices(engine: AsyncEngine, tmp_p
     assert spooled_ids(tmp_path / "spool") == []
 
 
-async def test_on_batch_hook_sees_every_record_once_on_every_path(engine: AsyncEngine, tmp_path: Path) -> None:
+async def test_on_batch_hook_sees_every_record_once_on_every_path(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
     seen: list[str] = []
 
     def hook(records: list[CompletionRecord]) -> None:
@@ -204,7 +206,9 @@ async def test_postgresql_refuses_what_sqlite_stores(engine: AsyncEngine, tmp_pa
     recorder.submit(long_outcome)
     recorder.submit(fine)
     await recorder.wait_idle()
-    await eventually(lambda: recorder.rows_replayed + recorder.rows_written >= 1 and not recorder.spool.backlog()[0])
+    await eventually(
+        lambda: recorder.rows_replayed + recorder.rows_written >= 1 and not recorder.spool.backlog()[0]
+    )
     await recorder.close()
     rows = await stored(engine)
     if engine.dialect.name == "postgresql":
@@ -395,7 +399,9 @@ async def test_replay_is_idempotent_and_starts_with_leftovers(engine: AsyncEngin
     assert second.rows_rejected == 1  # {"request_id": "torn"} lacks the NOT NULL columns
 
 
-async def test_a_row_spooled_twice_is_written_once_with_its_choices(engine: AsyncEngine, tmp_path: Path) -> None:
+async def test_a_row_spooled_twice_is_written_once_with_its_choices(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
     spool = Spool(tmp_path / "spool")
     records = [make_record(n) for n in range(3)]
     spool.append([record_to_row(r) for r in records])

@@ -223,7 +223,9 @@ async def test_postgresql_outage_under_load_loses_nothing(
             await runner
             # calls kept working at full speed while the database was away
             assert load.failures == []
-            during = sorted(latency for began, latency in load.latencies if outage_start <= began < outage_end)
+            during = sorted(
+                latency for began, latency in load.latencies if outage_start <= began < outage_end
+            )
             assert len(during) > 50
             # no call waited on the database: that would take write_timeout (1 s) or more
             assert during[int(len(during) * 0.95)] < 0.3, during[-20:]
@@ -353,7 +355,8 @@ def write_config(tmp_path: Path, upstream_url: str, database_url: str, port: int
         f'spool_dir = "{tmp_path / "spool"}"',
     ]
     lines += [
-        f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"' for key, value in database.items()
+        f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"'
+        for key, value in database.items()
     ]
     lines += ["[logging]", 'level = "info"']
     path = tmp_path / "chatledger.toml"
@@ -427,7 +430,9 @@ class KillResult:
 LOAD_SECONDS = 2.0
 
 
-async def kill_under_load(upstream: FakeUpstream, database_url: str, tmp_path: Path, stall: Any = None) -> KillResult:
+async def kill_under_load(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path, stall: Any = None
+) -> KillResult:
     """Load, SIGKILL (inside `stall` if given), restart: which answered requests have no row."""
     port = free_port()
     config = write_config(tmp_path, upstream.url, database_url, port, write_timeout=30.0)
@@ -453,7 +458,9 @@ async def kill_under_load(upstream: FakeUpstream, database_url: str, tmp_path: P
     finally:
         restarted.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(restarted.process.wait(), 20) == 0
-    lost = {request_id: killed_at - ended for request_id, ended in completed.items() if request_id not in rows}
+    lost = {
+        request_id: killed_at - ended for request_id, ended in completed.items() if request_id not in rows
+    }
     log_lines = (tmp_path / "serve2.log").read_text().splitlines()
     replayed = sum(int(line.split("replayed ")[1].split(" ")[0]) for line in log_lines if "replayed " in line)
     rate = sum(1 for ended in completed.values() if ended >= started) / (killed_at - started)
@@ -546,7 +553,9 @@ async def test_health_degraded_when_neither_database_nor_spool_can_write(
             # the disk and the database come back: the records held in memory are saved
             blocker.unlink()
             await relay.restore()
-            await eventually(lambda: ledger.recorder.queue_depth == 0 and ledger.recorder.spool.backlog()[0] == 0)
+            await eventually(
+                lambda: ledger.recorder.queue_depth == 0 and ledger.recorder.spool.backlog()[0] == 0
+            )
             state = await health()
             assert state["status"] == "degraded"  # records were lost: it stays visible until restart
             assert state["database"]["reachable"] is True

@@ -45,7 +45,9 @@ SECRET_KEY = "sk-proj-SECRETKEY-do-not-store-4f9a1c2e7b"
         pytest.param(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", id="connect"),
         pytest.param(b"CONNECT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", id="connect-origin-form"),
         pytest.param(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", id="asterisk-form"),
-        pytest.param(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Forwarded-Host: evil.example\r\n\r\n", id="xfh"),
+        pytest.param(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Forwarded-Host: evil.example\r\n\r\n", id="xfh"
+        ),
         pytest.param(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nForwarded: for=1.2.3.4;host=evil.example\r\n"
             b"Content-Length: 2\r\n\r\n{}",
@@ -57,7 +59,9 @@ SECRET_KEY = "sk-proj-SECRETKEY-do-not-store-4f9a1c2e7b"
     ],
 )
 async def test_not_an_open_proxy(ledger: Ledger, upstream: FakeUpstream, request_bytes: bytes) -> None:
-    response = await raw_request(ledger.port, request_bytes.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+    response = await raw_request(
+        ledger.port, request_bytes.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    )
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     error = orjson.loads(body)["error"]
@@ -73,7 +77,9 @@ async def test_not_an_open_proxy(ledger: Ledger, upstream: FakeUpstream, request
 async def test_path_tricks_still_reach_only_the_configured_upstream(
     ledger: Ledger, upstream: FakeUpstream, target: str
 ) -> None:
-    response = await raw_request(ledger.port, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    response = await raw_request(
+        ledger.port, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
     assert response.startswith(b"HTTP/1.1 200 ")
     (received,) = upstream.requests  # the fake upstream is the only server that could answer
     assert received.path_qs == target
@@ -97,7 +103,9 @@ async def test_bearer_key_never_reaches_disk(upstream: FakeUpstream, tmp_path: P
     echo = {"error": {"message": f"Incorrect API key provided: {SECRET_KEY}", "code": "invalid_api_key"}}
     upstream.add("echo401", json_reply(echo, status=401))
     upstream.add("echo500", json_reply(None, status=500, raw=f"upstream says key={SECRET_KEY}".encode()))
-    upstream.add("sse_error", sse_reply(f'data: {{"error": {{"message": "bad key {SECRET_KEY}"}}}}\n\n'.encode()))
+    upstream.add(
+        "sse_error", sse_reply(f'data: {{"error": {{"message": "bad key {SECRET_KEY}"}}}}\n\n'.encode())
+    )
 
     async def reset(request: web.Request, _body: bytes) -> web.StreamResponse:
         assert request.transport is not None
@@ -128,7 +136,9 @@ async def test_bearer_key_never_reaches_disk(upstream: FakeUpstream, tmp_path: P
                         headers={**header, "X-Fake-Scenario": scenario, "Content-Type": "application/json"},
                     ) as response:
                         text = await response.text()
-                        assert SECRET_KEY not in text or scenario.startswith("echo") or scenario == "sse_error"
+                        assert (
+                            SECRET_KEY not in text or scenario.startswith("echo") or scenario == "sse_error"
+                        )
                         statuses.append(response.status)
                 except aiohttp.ClientError:
                     statuses.append(0)

@@ -18,7 +18,10 @@ from proxy.spool import Spool, count_lines, encode_row, row_from_spool
 
 
 def rows(*ids: str) -> list[dict[str, object]]:
-    return [{"request_id": i, "cost": Decimal("0.0000015"), "started_at": "2025-01-01T00:00:00+00:00"} for i in ids]
+    return [
+        {"request_id": i, "cost": Decimal("0.0000015"), "started_at": "2025-01-01T00:00:00+00:00"}
+        for i in ids
+    ]
 
 
 def read_all(spool: Spool) -> list[str]:
@@ -83,7 +86,9 @@ def test_torn_and_garbled_lines_are_skipped(tmp_path: Path) -> None:
     assert count_lines(path) == 3
 
 
-def test_failed_write_is_cut_off_and_never_swallows_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_is_cut_off_and_never_swallows_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spool = Spool(tmp_path)
     spool.append(rows("a"))
     real_fsync = os.fsync

@@ -128,13 +128,13 @@ def test_tap_reads_of_whole_events_give_the_same_record(case: StreamCase, strip:
 def test_tap_skips_parsing_plain_content_deltas_once_settled() -> None:
     """A long stream of content deltas is mostly not parsed: only the first chunks and the end."""
     base = {"id": "chatcmpl-long", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
-    events += [
-        {**base, "choices": [{"index": 0, "delta": {"content": f"w{n} "}, "finish_reason": None}], "usage": None}
-        for n in range(200)
-    ]
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}]
+    events += [{**base, "choices": [{"index": 0, "delta": {"content": f"w{n} "}, "finish_reason": None}],
+                "usage": None} for n in range(200)]
     events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "usage": None})
-    events.append({**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 200, "total_tokens": 203}})
+    events.append({**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 200,
+                                                     "total_tokens": 203}})
     blocks = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
     for per_read in (1, 10):
         pieces = [b"".join(blocks[i : i + per_read]) for i in range(0, len(blocks), per_read)]
@@ -161,11 +161,8 @@ def _lengthened(case: StreamCase, copies: int, at: int | None = None) -> list[by
     """The case's blocks with its first content-delta block repeated `copies` times, inserted before
     block `at` (default: right after that block): a long stream of the case's shape."""
     content = next(
-        (
-            n
-            for n, chunk in enumerate(case.chunks)
-            if any(isinstance(c.get("delta"), dict) and c["delta"].get("content") for c in chunk.get("choices") or ())
-        ),
+        (n for n, chunk in enumerate(case.chunks) if any(
+            isinstance(c.get("delta"), dict) and c["delta"].get("content") for c in chunk.get("choices") or ())),
         None,
     )
     blocks = list(case.blocks)
@@ -207,9 +204,7 @@ def test_feed_all_folds_a_captured_stream_as_read_by_read_feeding_does(case: Str
             each, each_tap = _fold(pieces, times, whole=False)
             assert record_to_row(whole) == record_to_row(each), (copies, at, cuts)
             assert (whole_tap.first_event_at, whole_tap.first_content_at) == (
-                each_tap.first_event_at,
-                each_tap.first_content_at,
-            )
+                each_tap.first_event_at, each_tap.first_content_at)
             assert whole_tap.folder.failed == each_tap.folder.failed
             if copies == 0:
                 record_matches(whole, case)
@@ -512,7 +507,9 @@ def openai_client(ledger: Ledger, scenario: str = "t") -> openai.AsyncOpenAI:
     )
 
 
-async def openai_chunks(ledger: Ledger, scenario: str = "t", **kwargs: Any) -> tuple[list[Any], Exception | None]:
+async def openai_chunks(
+    ledger: Ledger, scenario: str = "t", **kwargs: Any
+) -> tuple[list[Any], Exception | None]:
     """Stream through the official client; returns the chunks it yielded and the error it raised, if any."""
     chunks: list[Any] = []
     error: Exception | None = None
@@ -688,7 +685,9 @@ async def test_usage_is_injected_then_its_chunk_removed_from_the_raw_stream(
     assert row["usage"] == OPENAI_LIKE_USAGE
 
 
-async def test_openai_client_never_sees_the_injected_usage_chunk(ledger: Ledger, upstream: FakeUpstream) -> None:
+async def test_openai_client_never_sees_the_injected_usage_chunk(
+    ledger: Ledger, upstream: FakeUpstream
+) -> None:
     trickle = add(upstream, Trickle(answer_like_openai))
     chunks, error = await openai_chunks(ledger)
     assert error is None
@@ -721,7 +720,9 @@ async def test_a_stream_over_the_copy_limit_is_still_logged_from_its_head_and_ta
     check_row(await ledger.row(), case)
 
 
-async def test_openai_client_that_asked_for_usage_gets_the_usage_chunk(ledger: Ledger, upstream: FakeUpstream) -> None:
+async def test_openai_client_that_asked_for_usage_gets_the_usage_chunk(
+    ledger: Ledger, upstream: FakeUpstream
+) -> None:
     add(upstream, Trickle(answer_like_openai))
     chunks, error = await openai_chunks(ledger, stream_options={"include_usage": True})
     assert error is None
@@ -734,7 +735,8 @@ async def test_openai_client_that_asked_for_usage_gets_the_usage_chunk(ledger: L
     "request_body",
     [
         b'{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}',
-        b'{ "model": "anthropic/claude-sonnet-4",\n  "stream": true,\n  "usage": {"include": true}, "messages": [] }\n',
+        b'{ "model": "anthropic/claude-sonnet-4",\n  "stream": true,\n  "usage": {"include": true},'
+        b' "messages": [] }\n',
     ],
     ids=["stream_options", "openrouter_usage_include"],
 )
@@ -884,7 +886,9 @@ async def test_client_disconnect_on_an_unreadable_stream_is_a_disconnect(
     assert row["outcome"] == "client_disconnected"
 
 
-async def test_client_closing_right_after_done_is_not_a_disconnect(ledger: Ledger, upstream: FakeUpstream) -> None:
+async def test_client_closing_right_after_done_is_not_a_disconnect(
+    ledger: Ledger, upstream: FakeUpstream
+) -> None:
     case = OPENAI_INCLUDE_USAGE
     trickle = add(upstream, Trickle(case.body, hang_at=len(case.body)))  # [DONE] sent, EOF never comes
     raw = await raw_call(ledger.url, until=done_block())
@@ -894,11 +898,15 @@ async def test_client_closing_right_after_done_is_not_a_disconnect(ledger: Ledge
     check_row(row, case)
 
 
-async def test_upstream_read_timeout_between_events(upstream: FakeUpstream, database_url: str, tmp_path: Path) -> None:
+async def test_upstream_read_timeout_between_events(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
     case = OPENAI_INCLUDE_USAGE
     sent = len(b"".join(case.blocks[:3]))
     trickle = add(upstream, Trickle(case.body, hang_at=sent))
-    ledger = await start_ledger(make_config(upstream.url, database_url, tmp_path, upstream={"read_timeout": 0.3}))
+    ledger = await start_ledger(
+        make_config(upstream.url, database_url, tmp_path, upstream={"read_timeout": 0.3})
+    )
     try:
         began = time.perf_counter()
         raw = await raw_call(ledger.url)
@@ -936,7 +944,9 @@ async def test_keepalive_comments_keep_a_slow_stream_inside_the_read_timeout(
         return response
 
     upstream.add("t", slow)
-    ledger = await start_ledger(make_config(upstream.url, database_url, tmp_path, upstream={"read_timeout": 0.3}))
+    ledger = await start_ledger(
+        make_config(upstream.url, database_url, tmp_path, upstream={"read_timeout": 0.3})
+    )
     try:
         raw = await raw_call(ledger.url)
         row = await ledger.row()

@@ -126,7 +126,9 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-async def test_tls_error_is_a_502_not_an_insecure_retry(self_signed: tuple[Path, Path], tmp_path: Path) -> None:
+async def test_tls_error_is_a_502_not_an_insecure_retry(
+    self_signed: tuple[Path, Path], tmp_path: Path
+) -> None:
     cert, key = self_signed
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -311,7 +313,9 @@ def vm_kib(pid: int, field: str) -> int:
 
 
 @pytest.mark.slow
-async def test_100_mb_response_streams_through_with_bounded_memory(upstream: FakeUpstream, tmp_path: Path) -> None:
+async def test_100_mb_response_streams_through_with_bounded_memory(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
     from .test_reliability import free_port, serve, write_config
 
     if not Path("/proc/self/status").exists():  # noqa: ASYNC240
@@ -329,7 +333,9 @@ async def test_100_mb_response_streams_through_with_bounded_memory(upstream: Fak
     upstream.add("huge", huge)
     database_url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
     port = free_port()
-    served = await serve(write_config(tmp_path, upstream.url, database_url, port), tmp_path / "serve.log", port)
+    served = await serve(
+        write_config(tmp_path, upstream.url, database_url, port), tmp_path / "serve.log", port
+    )
     try:
         pid = served.process.pid
         baseline = vm_kib(pid, "VmRSS")

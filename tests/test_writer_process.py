@@ -246,10 +246,7 @@ def items_sent(link: Any) -> list[object]:
 
 
 async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_copies(
-    upstream: FakeUpstream,
-    database_url: str,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    upstream: FakeUpstream, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     upstream.add(OPENAI_INCLUDE_USAGE.name, sse_reply(OPENAI_INCLUDE_USAGE.body))
     config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})

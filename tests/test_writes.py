@@ -68,7 +68,9 @@ async def test_batch_writer_round_trips_every_value(database_url: str) -> None:
         async with sessions() as session:
             stored = {
                 c.request_id: c
-                for c in (await session.execute(select(Completion).options(selectinload(Completion.choices)))).scalars()
+                for c in (
+                    await session.execute(select(Completion).options(selectinload(Completion.choices)))
+                ).scalars()
             }
             choice_count = (await session.execute(select(func.count()).select_from(CompletionChoice))).scalar_one()
         assert len(stored) == len(records)
