@@ -276,6 +276,12 @@ _DISGUISED = (
     b'"delta":{"content":"a"},"finish_reason":"length"}],"usage":{"prompt_tokens":9},"x":[{"delta":{"content":'
     b'"b"},"finish_reason":null}]}\n\n'
 )
+# OpenAI's random padding, raw: emptied, it would leave a usage object behind (the last "usage" key wins)
+_DISGUISED_BY_OBFUSCATION = (
+    b'data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+    b'"delta":{"content":"a"},"finish_reason":null}],"obfuscation":"q","usage":{"prompt_tokens":9},"z":"r"}\n\n'
+)
+_OBFUSCATIONS = st.text(max_size=12) | st.sampled_from(['"', "\\", '","usage":{"prompt_tokens":9},"z":"', "\n"])
 _ODD_BLOCKS = st.sampled_from(
     [
         b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
@@ -289,12 +295,17 @@ _ODD_BLOCKS = st.sampled_from(
         b"\n",
         b"data: {not json\n\n",
         _DISGUISED,
+        _DISGUISED_BY_OBFUSCATION,
     ]
 )
 
 
-def _delta_block(content: str, spaced: bool) -> bytes:
-    chunk = {**_CHUNK_BASE, "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+def _delta_block(content: str, spaced: bool, obfuscation: str | None = None) -> bytes:
+    chunk: dict[str, object] = {
+        **_CHUNK_BASE, "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    }
+    if obfuscation is not None:
+        chunk["obfuscation"] = obfuscation
     data = orjson.dumps(chunk)
     return b"data: " + (data.replace(b",", b", ") if spaced else data) + b"\n\n"
 
@@ -306,10 +317,18 @@ def _delta_block(content: str, spaced: bool) -> bytes:
     odd=st.lists(st.tuples(st.integers(min_value=0, max_value=200), _ODD_BLOCKS), max_size=3),
     spaced=st.booleans(),
     cuts=st.lists(st.integers(min_value=0, max_value=60_000), min_size=1, max_size=12),
+    obfuscations=st.none() | st.lists(_OBFUSCATIONS, min_size=1, max_size=20),
 )
-@example(contents=["x"], copies=60, odd=[(20, _DISGUISED)], spaced=False, cuts=[300])
+@example(contents=["x"], copies=60, odd=[(20, _DISGUISED)], spaced=False, cuts=[300], obfuscations=None)
+@example(contents=["x"], copies=60, odd=[(20, _DISGUISED_BY_OBFUSCATION)], spaced=False, cuts=[300],
+         obfuscations=["Qm", "k", ""])  # fmt: skip
 def test_feed_all_equals_read_by_read(
-    contents: list[str], copies: int, odd: list[tuple[int, bytes]], spaced: bool, cuts: list[int]
+    contents: list[str],
+    copies: int,
+    odd: list[tuple[int, bytes]],
+    spaced: bool,
+    cuts: list[int],
+    obfuscations: list[str] | None,
 ) -> None:
     """feed_all skips the middle of a settled stream when it can prove that part changes nothing: for
     long streams of same-shape deltas with hostile content and stray events anywhere, the record must
@@ -317,7 +336,8 @@ def test_feed_all_equals_read_by_read(
     first = {**_CHUNK_BASE, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"},
                                          "finish_reason": None}]}  # fmt: skip
     blocks = [b"data: " + orjson.dumps(first) + b"\n\n"]
-    blocks += [_delta_block(contents[n % len(contents)], spaced) for n in range(copies)]
+    padding = [None] if obfuscations is None else obfuscations  # OpenAI's "obfuscation" strings, or none
+    blocks += [_delta_block(contents[n % len(contents)], spaced, padding[n % len(padding)]) for n in range(copies)]
     for at, block in odd:
         blocks.insert(min(at, len(blocks)), block)
     blocks.append(_delta_block("", spaced)[:-2].replace(b'"finish_reason":null', b'"finish_reason":"stop"') + b"\n\n")

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from openrouter import OpenRouter
 
-from proxy import forward
+from proxy import completions, forward
 from proxy.completions import CompletionRecord, StreamFolder
 from proxy.recorder import record_to_row
 from proxy.taps import MAX_HELD_BYTES, TAIL_BYTES, StreamTap
@@ -268,6 +268,32 @@ def test_feed_all_parses_a_usual_stream_only_from_its_last_content_chunk() -> No
     assert [choice.finish_reason for choice in record.choices] == ["stop"]
     assert record.completion_tokens == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
     assert tap.folder.parsed_events == 5  # role, first content; last content, finish, usage
+
+
+def test_feed_all_skips_the_middle_of_a_stream_with_openai_obfuscation_strings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenAI pads every chunk with an `obfuscation` string of random length: the middle is still proven
+    quiet (with those strings emptied) instead of going to the slower marker search or being parsed."""
+    role, content = OPENAI_INCLUDE_USAGE.blocks[0], OPENAI_INCLUDE_USAGE.blocks[1]
+    rng = random.Random(5)
+    deltas = [
+        content.replace(b'"content":"The"', b'"content":"w%d"' % n).replace(
+            b'"obfuscation":""', b'"obfuscation":"' + b"x" * rng.randint(0, 12) + b'"'
+        )
+        for n in range(300)
+    ]
+    blocks = [role, *deltas, *OPENAI_INCLUDE_USAGE.blocks[-3:]]
+    pieces = [b"".join(blocks[i : i + 10]) for i in range(0, len(blocks), 10)]
+    marker_searches = []
+    monkeypatch.setattr(completions, "chunk_may_matter", lambda data: marker_searches.append(data) or True)
+    record, tap = _fold(pieces, [float(n) for n in range(len(pieces))], whole=True)
+    assert marker_searches == []
+    assert record.completion_tokens == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
+    assert [choice.finish_reason for choice in record.choices] == ["stop"]
+    tail_events = b"".join(blocks)[-TAIL_BYTES - max(map(len, blocks)) :].count(b"\n\n")
+    assert tap.folder.parsed_events <= 2 + tail_events
+    assert len({block[-20:] for block in deltas}) > 10  # the strings do differ
 
 
 def test_tap_passthrough_returns_each_read_as_is() -> None:
