@@ -270,15 +270,20 @@ class RecorderLink:
             self._outbox = [self._off_ring(item) for item in self._outbox]
             self._close_ring()
         ring = make_ring_writer()
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy.writer_process",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=16 * 1024 * 1024,
-            pass_fds=() if ring is None else (ring.fd,),
-        )
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxy.writer_process",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=16 * 1024 * 1024,
+                pass_fds=() if ring is None else (ring.fd,),
+            )
+        except BaseException:
+            if ring is not None:
+                ring.close()
+            raise
         self._ring = ring
         _widen_pipe(self._process.stdin)
         self._ready = loop.create_future()

@@ -25,8 +25,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from proxy import ring
 from proxy.capture import redact_fingerprinted
 from proxy.completions import CompletionRecord
+from proxy.metrics import LedgerMetrics
 from proxy.request_facts import key_fingerprint
-from proxy.writer_process import PIPE_BYTES, READS
+from proxy.writer_process import PIPE_BYTES, READS, RecorderLink
 
 from .conftest import Ledger, make_config, start_ledger
 from .helpers import eventually
@@ -197,6 +198,34 @@ async def test_long_calls_made_while_the_writer_process_is_down_reach_its_succes
     assert len(rows) == 3
     assert {row["completion_tokens"] for row in rows} == {OPENAI_INCLUDE_USAGE.row["completion_tokens"]}
     assert {row["outcome"] for row in rows} == {"ok"}
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the ring needs os.memfd_create (Linux)")
+async def test_a_writer_process_that_cannot_be_started_leaves_no_ring_behind(
+    upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ring is made before the child: if starting the child fails, the ring's memory and file
+    descriptor go with the attempt (a respawn loop must not leak 32 MiB per try)."""
+    made: list[ring.RingWriter] = []
+    make = ring.RingWriter
+
+    def recording_ring(size: int) -> ring.RingWriter:
+        made.append(make(size))
+        return made[-1]
+
+    async def no_fork(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("fork failed")
+
+    monkeypatch.setattr(ring, "RingWriter", recording_ring)
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", no_fork)
+    config = make_config(upstream.url, f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}", tmp_path)
+    link = RecorderLink(config, LedgerMetrics())
+    with pytest.raises(OSError, match="fork failed"):
+        await link.start()
+    assert len(made) == 1
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(made[0].fd)  # closed
+    assert link._ring is None
 
 
 async def test_a_key_echoed_in_an_error_is_redacted_by_the_writer_process(
