@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="streaming requests ask for usage themselves (default), or send the OpenAI SDK's default body, "
         "so chatledger adds include_usage and cuts the usage chunk out of the client's stream",
     )
+    parser.add_argument(
+        "--obfuscation",
+        action="store_true",
+        help="streamed chunks carry OpenAI's random-length `obfuscation` string, as OpenAI sends them by default",
+    )
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="run the memory soak instead")
     parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
@@ -136,6 +141,8 @@ class Bench:
             command = python_module(
                 "bench.upstream", "--port", str(port), "--events-per-write", str(self.args.events_per_write)
             )
+            if self.args.obfuscation:
+                command.append("--obfuscation")
         assert command is not None
         service = Service(f"upstream-{mode}", command, port, self.work / f"upstream-{mode}.log")
         service.start()
@@ -396,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bench = Bench(args, work)
             print(f"  load generator: {'wrk' if bench.wrk else 'python (bench.loadgen)'}", flush=True)
+            if args.obfuscation:
+                print("  streamed chunks carry OpenAI's obfuscation padding", flush=True)
             results = {"info": info, "modes": []}
             for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
                 results["modes"].append(bench.run_mode(mode))

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .payloads import COMPLETION_BODY, STAMP, STAMPED_EVENT_BYTES, STREAM_EVENT_BYTES
+from .payloads import COMPLETION_BODY, STAMP, STAMPED_EVENT_BYTES, STREAM_EVENT_BYTES, stream_events
 
 _JSON_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -44,8 +44,15 @@ def _framed(event: bytes) -> bytes:
 
 
 FRAMED_EVENTS = [_framed(event) for event in STREAM_EVENT_BYTES]
+STAMPED_EVENTS = list(STAMPED_EVENT_BYTES)
 LAST_CHUNK = b"0\r\n\r\n"
 WRITES: list[bytes] = []
+
+
+def set_obfuscation(on: bool) -> None:
+    """Stream chunks with OpenAI's `obfuscation` padding (see payloads.stream_events), or without."""
+    FRAMED_EVENTS[:] = [_framed(event) for event in stream_events(obfuscation=on)]
+    STAMPED_EVENTS[:] = stream_events(STAMP, obfuscation=on)
 
 
 def set_events_per_write(count: int) -> None:
@@ -63,7 +70,7 @@ BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: clo
 
 def stamped_event(index: int) -> bytes:
     """Event `index` of the stream, framed, with the current monotonic time in place of the stamp."""
-    event = STAMPED_EVENT_BYTES[index]
+    event = STAMPED_EVENTS[index]
     if _STAMP in event:
         event = event.replace(_STAMP, b"fp_t%019d" % time.monotonic_ns())
     return _framed(event)
@@ -132,11 +139,11 @@ class UpstreamProtocol(asyncio.Protocol):
 
     async def _paced(self, transport: asyncio.Transport, gap: float, close: bool) -> None:
         transport.write(STREAM_HEAD)
-        for index in range(len(STAMPED_EVENT_BYTES)):
+        for index in range(len(STAMPED_EVENTS)):
             if transport.is_closing():
                 return
             transport.write(stamped_event(index))
-            if index + 1 < len(STAMPED_EVENT_BYTES):
+            if index + 1 < len(STAMPED_EVENTS):
                 await asyncio.sleep(gap)
         transport.write(LAST_CHUNK)
         if close:
@@ -208,7 +215,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
     parser.add_argument("--events-per-write", type=int, default=1, help="unpaced streams: events per write")
+    parser.add_argument("--obfuscation", action="store_true", help="chunks carry OpenAI's obfuscation padding")
     args = parser.parse_args()
+    set_obfuscation(args.obfuscation)
     set_events_per_write(args.events_per_write)
     try:
         import uvloop  # type: ignore[import-not-found]
