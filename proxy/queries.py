@@ -50,12 +50,6 @@ PERCENTILES = (0.5, 0.95)
 MAX_UNION_ARMS = 200
 MAX_WANTED_RANKS = 8000
 MIN_PREFIX = 6
-
-
-def short_id(request_id: str) -> str:
-    """What `logs` prints for a request id: its last 8 characters. Request ids are UUIDv7, whose first 8
-    characters are the time and are the same for every call in the same minute; the end is random."""
-    return request_id[-8:]
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _HASH = re.compile(r"[0-9a-f]{16}")
@@ -278,6 +272,12 @@ async def fetch_completions(
     rows = (await conn.execute(query)).all()
     choices = await _choices_for(conn, [row.id for row in rows])
     return [row_dict(row, choices[row.id]) for row in rows]
+
+
+def short_id(request_id: str) -> str:
+    """What `logs` prints for a request id: its last 8 characters. Request ids are UUIDv7, whose first 8
+    characters are the time and are the same for every call in the same minute; the end is random."""
+    return request_id[-8:]
 
 
 async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, Any]]:

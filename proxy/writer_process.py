@@ -122,6 +122,15 @@ class FrameReader(asyncio.Protocol):
 
 
 READS = Exchange._fields.index("chunks")  # a CapturedCall's response reads: a list, or a RingSlice
+
+
+def _in_ring(item: CompletionRecord | CapturedCall) -> bool:
+    """A captured call whose response reads are in the ring (a RingSlice in place of the list)."""
+    return type(item) is tuple and type(item[READS]) is tuple
+
+
+def _with_reads(item: CapturedCall, reads: Any) -> CapturedCall:
+    return (*item[:READS], reads, *item[READS + 1 :])
 PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
 
 
@@ -312,10 +321,10 @@ class RecorderLink:
         items, self._outbox = self._outbox, []
         self._sent += len(items)
         if self._behind():
-            parsed = [item if type(item) is not tuple or type(item[READS]) is tuple else materialize(item)
-                      for item in items]  # fmt: skip
-            self.calls_parsed_here += sum(a is not b for a, b in zip(parsed, items, strict=True))
-            items = parsed
+            raw = [index for index, item in enumerate(items) if type(item) is tuple and not _in_ring(item)]
+            for index in raw:
+                items[index] = materialize(items[index])
+            self.calls_parsed_here += len(raw)
         if not self._send(("items", items)):  # captured calls go as plain tuples: they pickle fastest
             self._lose(len(items), "the writer process is not running")
 
@@ -329,13 +338,13 @@ class RecorderLink:
         where = self._ring.put(reads, total)
         if where is None:
             return item
-        return (*item[:READS], where, *item[READS + 1 :])
+        return _with_reads(item, where)
 
     def _off_ring(self, item: CompletionRecord | CapturedCall) -> CompletionRecord | CapturedCall:
-        if type(item) is not tuple or type(item[READS]) is not tuple:
+        if not _in_ring(item):
             return item
         assert self._ring is not None
-        return (*item[:READS], self._ring.read(item[READS]), *item[READS + 1 :])
+        return _with_reads(item, self._ring.read(item[READS]))
 
     def _close_ring(self) -> None:
         if self._ring is not None:
@@ -463,9 +472,9 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
                 # parsed as they arrive, a frame (a few ms of traffic) at a time: the raw copies are
                 # freed at once, and reading never waits behind a whole batch being parsed
                 for item in message[1]:
-                    if type(item) is tuple and type(item[READS]) is tuple:  # its reads are in the ring
+                    if _in_ring(item):
                         assert ring is not None
-                        item = (*item[:READS], ring.take(item[READS]), *item[READS + 1 :])
+                        item = _with_reads(item, ring.take(item[READS]))
                     recorder.submit(item if isinstance(item, CompletionRecord) else materialize(item))
                 received += len(message[1])
                 await asyncio.sleep(0)  # frames queued here must not keep the recorder's writes waiting
