@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from .payloads import STREAM_EVENTS, request_body
 from .procs import Service, cpu_seconds, free_port, machine_busy, python_module, rss_mb
 from .report import summarise, table, verdicts
@@ -76,6 +78,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
     return parser.parse_args(argv)
+
+
+def python_upstream_command(port: int, events_per_write: int = 10, obfuscation: bool = False) -> list[str]:
+    command = python_module("bench.upstream", "--port", str(port), "--events-per-write", str(events_per_write))
+    return [*command, "--obfuscation"] if obfuscation else command
+
+
+def passthrough_command(port: int, upstream_url: str) -> list[str]:
+    return python_module("bench.passthrough", "--port", str(port), "--upstream", upstream_url)
+
+
+def ledger_command(port: int, upstream_url: str, database: Path, workers: int = 1) -> list[str]:
+    return python_module(
+        "proxy", "serve", "--host", "127.0.0.1", "--port", str(port), "--upstream", upstream_url,
+        "--database", str(database), "--workers", str(workers),
+    )  # fmt: skip
 
 
 def use_wrk(args: argparse.Namespace) -> bool:
@@ -138,11 +156,7 @@ class Bench:
             elif self.args.upstream == "nginx":
                 raise SystemExit("--upstream nginx: nginx is not installed (apt-get install nginx)")
         if kind == "python":
-            command = python_module(
-                "bench.upstream", "--port", str(port), "--events-per-write", str(self.args.events_per_write)
-            )
-            if self.args.obfuscation:
-                command.append("--obfuscation")
+            command = python_upstream_command(port, self.args.events_per_write, self.args.obfuscation)
         assert command is not None
         service = Service(f"upstream-{mode}", command, port, self.work / f"upstream-{mode}.log")
         service.start()
@@ -150,26 +164,12 @@ class Bench:
 
     def passthrough(self, upstream_url: str) -> Service:
         port = free_port()
-        command = python_module("bench.passthrough", "--port", str(port), "--upstream", upstream_url)
-        return Service("passthrough", command, port, self.work / "passthrough.log")
+        return Service("passthrough", passthrough_command(port, upstream_url), port, self.work / "passthrough.log")
 
     def ledger(self, upstream_url: str, workers: int, mode: str) -> tuple[Service, Path]:
         port = free_port()
         database = self.work / f"ledger-{mode}-w{workers}.db"
-        command = python_module(
-            "proxy",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream_url,
-            "--database",
-            str(database),
-            "--workers",
-            str(workers),
-        )
+        command = ledger_command(port, upstream_url, database, workers)
         log = self.work / f"chatledger-{mode}-w{workers}.log"
         return Service(f"chatledger N={workers}", command, port, log, health="/_ledger/health"), database
 
@@ -318,9 +318,10 @@ def parsed_in_server(url: str) -> int | None:
             text = response.read().decode()
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith("chatledger_calls_parsed_in_server_total "):
-            return int(float(line.split()[1]))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "chatledger_calls_parsed_in_server_total":
+                return int(sample.value)
     return None
 
 

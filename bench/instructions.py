@@ -23,10 +23,10 @@ from pathlib import Path
 
 import aiohttp
 
-from .__main__ import CHAT_PATH
+from .__main__ import CHAT_PATH, ledger_command, passthrough_command, python_upstream_command
 from .loadgen import AUTH
 from .payloads import request_body
-from .procs import Service, _children, free_port, python_module
+from .procs import Service, children, free_port
 from .upstream import nginx_command, nginx_config
 
 WARMUP_REQUESTS = 300
@@ -65,16 +65,16 @@ def _total(out_dir: Path, pid: int) -> int:
 
 
 def count(
-    name: str, command: list[str], port: int, body: bytes, requests: int, work: Path, children: bool = False
+    name: str, command: list[str], port: int, body: bytes, requests: int, work: Path, count_children: bool = False
 ) -> list[int]:
-    """Instructions per request of the process, then of each child process when `children` (the writer)."""
+    """Instructions per request of the process, then of each child process when `count_children` (the writer)."""
     out_dir = work / name
     out_dir.mkdir()
     valgrind = [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
-        f"--trace-children={'yes' if children else 'no'}",
+        f"--trace-children={'yes' if count_children else 'no'}",
         f"--callgrind-out-file={out_dir}/callgrind.out.%p",
         *command,
     ]
@@ -84,11 +84,11 @@ def count(
         url = f"http://127.0.0.1:{port}{CHAT_PATH}"
         asyncio.run(_send(url, body, WARMUP_REQUESTS))
         time.sleep(0.5)
-        pids = [service.pid, *(_children(service.pid) if children else [])]
+        pids = [service.pid, *(children(service.pid) if count_children else [])]
         for pid in pids:
             _control(pid, "-i", "on")
         asyncio.run(_send(url, body, requests))
-        if children:
+        if count_children:
             time.sleep(2.0)  # the writer's share of the last calls
         for pid in pids:
             _control(pid, "-i", "off")
@@ -114,7 +114,7 @@ def main() -> None:
     port = free_port()
     upstream_command = None if stream else nginx_command(nginx_config(port, work / "nginx"))
     if upstream_command is None:
-        upstream_command = python_module("bench.upstream", "--port", str(port))
+        upstream_command = python_upstream_command(port)  # the bench's default: 10 events per write
     upstream = Service("upstream", upstream_command, port, work / "upstream.log")
     upstream.start()
     upstream_url = f"http://127.0.0.1:{port}"
@@ -123,7 +123,7 @@ def main() -> None:
         target_port = free_port()
         (results["passthrough"],) = count(
             "passthrough",
-            python_module("bench.passthrough", "--port", str(target_port), "--upstream", upstream_url),
+            passthrough_command(target_port, upstream_url),
             target_port,
             body,
             args.requests,
@@ -132,15 +132,12 @@ def main() -> None:
         target_port = free_port()
         counts = count(
             "chatledger",
-            python_module(
-                "proxy", "serve", "--port", str(target_port), "--upstream", upstream_url,
-                "--database", str(work / "ledger.db"),
-            ),
+            ledger_command(target_port, upstream_url, work / "ledger.db"),
             target_port,
             body,
             args.requests,
             work,
-            children=args.writer,
+            count_children=args.writer,
         )
         results["chatledger"] = counts[0]
         if args.writer:

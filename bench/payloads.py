@@ -91,10 +91,8 @@ def _tokens(count: int) -> list[str]:
     return [(" " if i else "") + words[i % len(words)] for i in range(count)]
 
 
-def _chunk(
-    choices: list[dict[str, Any]], usage: dict[str, Any] | None, fingerprint: str, obfuscation: str | None = None
-) -> bytes:
-    chunk: dict[str, Any] = {
+def _chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None, fingerprint: str) -> bytes:
+    chunk = {
         "id": COMPLETION_ID,
         "object": "chat.completion.chunk",
         "created": CREATED,
@@ -104,11 +102,10 @@ def _chunk(
         "choices": choices,
         "usage": usage,
     }
-    if obfuscation is not None:  # OpenAI's padding since 2025: a string of random length, last in the chunk
-        chunk["obfuscation"] = obfuscation
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
+_PAD = b"qZ3vXk9LmPa0w"
 STAMP = "fp_t0000000000000000000"  # placeholder replaced by the send time in paced mode (same length)
 
 
@@ -117,7 +114,6 @@ def stream_events(fingerprint: str = FINGERPRINT, obfuscation: bool = False) -> 
 
     obfuscation: every chunk ends with an `obfuscation` string of 0-12 characters, as OpenAI sends them
     unless the request has `stream_options.include_obfuscation: false` (fixed lengths: the bytes repeat)."""
-    pads = iter([_PAD[: (7 * n) % 13] if obfuscation else None for n in range(STREAM_EVENTS)])
     events = [
         _chunk(
             [
@@ -130,7 +126,6 @@ def stream_events(fingerprint: str = FINGERPRINT, obfuscation: bool = False) -> 
             ],
             None,
             fingerprint,
-            next(pads),
         )
     ]
     for token in _tokens(STREAM_EVENTS - 3):
@@ -139,19 +134,17 @@ def stream_events(fingerprint: str = FINGERPRINT, obfuscation: bool = False) -> 
                 [{"index": 0, "delta": {"content": token}, "logprobs": None, "finish_reason": None}],
                 None,
                 fingerprint,
-                next(pads),
             )
         )
     events.append(
-        _chunk(
-            [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], None, fingerprint, next(pads)
-        )
+        _chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], None, fingerprint)
     )
-    events.append(_chunk([], USAGE, fingerprint, next(pads)))
+    events.append(_chunk([], USAGE, fingerprint))
+    if obfuscation:  # OpenAI's padding: a string of random length, last in the chunk
+        events = [event[:-3] + b',"obfuscation":"%s"}\n\n' % _PAD[: (7 * n) % 13] for n, event in enumerate(events)]
     events.append(b"data: [DONE]\n\n")
     return events
 
 
-_PAD = "qZ3vXk9LmPa0w"
 STREAM_EVENT_BYTES = stream_events()
 STAMPED_EVENT_BYTES = stream_events(STAMP)

@@ -22,7 +22,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     found: list[int] = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -39,7 +39,7 @@ def tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         pids.append(current)
-        todo.extend(_children(current))
+        todo.extend(children(current))
     return pids
 
 
@@ -55,17 +55,19 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process, not its children (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the process tree (live members only)."""
-    total = 0
-    for member in tree(pid):
-        try:
-            with open(f"/proc/{member}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / CLOCK_TICKS
+    return sum(process_cpu(member) for member in tree(pid))
 
 
 def machine_busy() -> tuple[float, float]:

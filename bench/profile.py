@@ -24,16 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .__main__ import Bench, parse_args
-from .procs import CLOCK_TICKS, _children
+from .procs import children, process_cpu
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
-
-
-def _own_cpu(pid: int) -> float:
-    """User + system CPU seconds of one process (not its children)."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _package(file: str) -> str:
@@ -175,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench-profile/chatledger-json bench-profile/passthrough-json) and exit",
     )
     args = parser.parse_args(argv)
+    if args.process == "writer" and args.target != "chatledger":
+        parser.error("--process writer needs --target chatledger")
     if args.diff:
         print(diff(Path(args.diff[0]), Path(args.diff[1])))
         return 0
@@ -215,10 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
         pid = service.pid
         if args.process == "writer":
-            if args.target != "chatledger":
-                raise SystemExit("--process writer needs --target chatledger")
-            pid = _children(service.pid)[0]
-        cpu0, t0 = _own_cpu(pid), time.monotonic()
+            pid = children(service.pid)[0]
+        cpu0, t0 = process_cpu(pid), time.monotonic()
         command = [
             spy,
             "record",
@@ -235,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             str(raw),
         ]
         subprocess.run(command + ([] if args.all_threads else ["--gil"]), check=True, capture_output=True)
-        cpu, elapsed = _own_cpu(pid) - cpu0, time.monotonic() - t0
+        cpu, elapsed = process_cpu(pid) - cpu0, time.monotonic() - t0
         loader.join()
     finally:
         for service_ in reversed(services):

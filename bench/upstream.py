@@ -50,7 +50,8 @@ WRITES: list[bytes] = []
 
 
 def set_obfuscation(on: bool) -> None:
-    """Stream chunks with OpenAI's `obfuscation` padding (see payloads.stream_events), or without."""
+    """Stream chunks with OpenAI's `obfuscation` padding (see payloads.stream_events), or without; call
+    set_events_per_write after it."""
     FRAMED_EVENTS[:] = [_framed(event) for event in stream_events(obfuscation=on)]
     STAMPED_EVENTS[:] = stream_events(STAMP, obfuscation=on)
 
@@ -217,7 +218,8 @@ def main() -> None:
     parser.add_argument("--events-per-write", type=int, default=1, help="unpaced streams: events per write")
     parser.add_argument("--obfuscation", action="store_true", help="chunks carry OpenAI's obfuscation padding")
     args = parser.parse_args()
-    set_obfuscation(args.obfuscation)
+    if args.obfuscation:
+        set_obfuscation(True)
     set_events_per_write(args.events_per_write)
     try:
         import uvloop  # type: ignore[import-not-found]

@@ -242,6 +242,11 @@ def test_feed_all_parses_only_the_end_of_a_long_settled_stream() -> None:
     assert tap.folder.parsed_events < 40, tap.folder.parsed_events
 
 
+def _tail_events(blocks: list[bytes]) -> int:
+    """How many events the last TAIL_BYTES (and a block) of a stream hold: what feed_all may parse."""
+    return b"".join(blocks)[-TAIL_BYTES - max(map(len, blocks)) :].count(b"\n\n")
+
+
 def test_feed_all_parses_a_read_of_many_events_only_up_to_the_event_that_settles_the_fold() -> None:
     """Upstreams write several events at once, so a read holds ten or more. The writer must not parse a
     whole first read: the role chunk and the first content chunk settle the fold, the rest is skippable."""
@@ -250,7 +255,7 @@ def test_feed_all_parses_a_read_of_many_events_only_up_to_the_event_that_settles
         pieces = [b"".join(blocks[i : i + per_read]) for i in range(0, len(blocks), per_read)]
         record, tap = _fold(pieces, [float(n) for n in range(len(pieces))], whole=True)
         record_matches(record, OPENAI_INCLUDE_USAGE)
-        tail_events = b"".join(blocks)[-TAIL_BYTES - max(map(len, blocks)) :].count(b"\n\n")
+        tail_events = _tail_events(blocks)
         assert tap.folder.parsed_events <= 2 + tail_events, (per_read, tap.folder.parsed_events)
         assert tap.first_content_at == 0.0
 
@@ -291,7 +296,7 @@ def test_feed_all_skips_the_middle_of_a_stream_with_openai_obfuscation_strings(
     assert marker_searches == []
     assert record.completion_tokens == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
     assert [choice.finish_reason for choice in record.choices] == ["stop"]
-    tail_events = b"".join(blocks)[-TAIL_BYTES - max(map(len, blocks)) :].count(b"\n\n")
+    tail_events = _tail_events(blocks)
     assert tap.folder.parsed_events <= 2 + tail_events
     assert len({block[-20:] for block in deltas}) > 10  # the strings do differ
 

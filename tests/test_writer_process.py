@@ -34,6 +34,7 @@ from .helpers import eventually
 from .payloads import OPENAI_BASIC
 from .stream_payloads import CASES, OPENAI_INCLUDE_USAGE, OPENROUTER
 from .test_reliability import HeldLock
+from .test_streaming import _lengthened
 from .upstream import FakeUpstream, json_reply, sse_reply
 
 KEY = "sk-test-writer-process-0123456789"
@@ -177,8 +178,8 @@ async def test_long_calls_made_while_the_writer_process_is_down_reach_its_succes
 ) -> None:
     """Their reads went into the dead child's shared-memory ring: the new child gets copies through the
     pipe. Here the child is killed while three such calls wait in the outbox."""
-    body = _long_stream(200)
-    upstream.add("long", sse_reply(body, sizes=[3000] * (len(body) // 3000 + 1)))
+    body, reply = _long_stream(200)
+    upstream.add("long", reply)
     link = process_ledger.recorder
     link._send_outbox = lambda: None  # type: ignore[union-attr,method-assign]  # hold the calls here
     first = child_pid(process_ledger)
@@ -305,36 +306,34 @@ async def test_a_writer_that_falls_behind_gets_parsed_records_instead_of_raw_cop
     assert "chatledger_calls_parsed_in_server_total 2.0" in metrics
 
 
-async def test_the_pipe_to_the_writer_process_holds_a_streamed_calls_frame(
-    upstream: FakeUpstream, database_url: str, tmp_path: Path
-) -> None:
+async def test_the_pipe_to_the_writer_process_holds_a_streamed_calls_frame(process_ledger: Ledger) -> None:
     """A 200-event stream's frame is ~60 KB, the size of a default pipe: the pipe is widened so that a
     frame goes in one write."""
-    config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
-    ledger = await start_ledger(config)
-    try:
-        stdin = ledger.recorder._process.stdin  # type: ignore[union-attr]
-        pipe = stdin.transport.get_extra_info("pipe")
-        assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_BYTES
-    finally:
-        await ledger.stop()
-    inline = make_config(upstream.url, database_url, tmp_path, database={"writer": "inline"})
-    assert "chatledger_calls_parsed_in_server" not in await _metrics(inline)
+    stdin = process_ledger.recorder._process.stdin  # type: ignore[union-attr]
+    pipe = stdin.transport.get_extra_info("pipe")
+    assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_BYTES
 
 
-async def _metrics(config: Any) -> str:
-    ledger = await start_ledger(config)
-    try:
-        async with aiohttp.ClientSession() as session, session.get(ledger.url + "/_ledger/metrics") as response:
-            return await response.text()
-    finally:
-        await ledger.stop()
+async def test_an_inline_writer_has_no_calls_parsed_in_server_metric(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    """Only a writer process can be behind while the serving process parses: /metrics says so only then."""
+    for writer, present in (("inline", False), ("process", True)):
+        config = make_config(upstream.url, database_url, tmp_path / writer, database={"writer": writer})
+        ledger = await start_ledger(config)
+        try:
+            async with aiohttp.ClientSession() as session, session.get(ledger.url + "/_ledger/metrics") as response:
+                metrics = await response.text()
+        finally:
+            await ledger.stop()
+        assert ("chatledger_calls_parsed_in_server_total 0.0" in metrics) is present, writer
 
 
-def _long_stream(copies: int) -> bytes:
-    """OPENAI_INCLUDE_USAGE with `copies` more content chunks: ~300 bytes each."""
-    blocks = OPENAI_INCLUDE_USAGE.blocks
-    return b"".join([blocks[0], *[blocks[1]] * copies, *blocks[1:]])
+def _long_stream(copies: int) -> tuple[bytes, Any]:
+    """OPENAI_INCLUDE_USAGE with `copies` more content chunks (~300 bytes each), and the fake upstream's
+    scenario that sends it in writes of 3,000 bytes."""
+    body = b"".join(_lengthened(OPENAI_INCLUDE_USAGE, copies))
+    return body, sse_reply(body, sizes=[3000] * (len(body) // 3000 + 1))
 
 
 @pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the ring needs os.memfd_create (Linux)")
@@ -345,8 +344,8 @@ async def test_long_responses_reach_the_writer_through_shared_memory_or_the_pipe
     ring has no room (here: 256 KiB for 40 streams of ~100 KB at once), through the pipe as before.
     Either way every row is whole."""
     monkeypatch.setattr(ring, "RING_BYTES", ring.DATA_START + 256 * 1024)
-    body = _long_stream(330)
-    upstream.add("long", sse_reply(body, sizes=[3000] * (len(body) // 3000 + 1)))
+    body, reply = _long_stream(330)
+    upstream.add("long", reply)
     config = make_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
     ledger = await start_ledger(config)
     try:
