@@ -9,6 +9,8 @@ from __future__ import annotations
 import zlib
 from typing import Protocol
 
+import orjson
+
 from .completions import CompletionRecord, StreamFolder, chunk_may_matter, first_empty_array, may_hold_empty_array
 from .sse import SSEDecoder, SSEEvent
 
@@ -17,6 +19,15 @@ MAX_HELD_BYTES = 1024 * 1024
 SETTLE_BYTES = 2048  # a read longer than twice this is fed in two parts: the first may settle the fold
 SETTLE_BLOCKS = 16  # feed_all: events of one read fed one by one before the fold settles
 TAIL_BYTES = 2048  # what feed_all parses at least of a settled stream of unusual shape: finish, usage, [DONE]
+
+
+def _names_provider(data: bytes) -> bool:
+    """A chunk with a top-level `provider` (OpenRouter's)."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and bool(chunk.get("provider"))
 
 
 class Decompressor(Protocol):
@@ -329,8 +340,10 @@ class StreamTap:
         if carries_content and self.first_content_at is None:
             self.first_content_at = now
         # OpenRouter (the only upstream with a top-level `provider`) sends usage whether asked or not:
-        # its client would get the chunk without the proxy, so it stays.
-        if usage_only and self._strip and self.folder.record.provider is None:
+        # its client would get the chunk without the proxy, so it stays. The chunk itself says so (it
+        # names the provider, as every OpenRouter chunk does): a strip-only tap does not decode the
+        # chunks before it, so an earlier chunk must not decide.
+        if usage_only and self._strip and not _names_provider(data):
             drops.append(event)
             self.stripped += 1
 

@@ -243,6 +243,7 @@ def test_inspect_request_any_bytes(body: bytes) -> None:
     cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=10),
     strip=st.booleans(),
 )
+@example(events=[b"{}", b'{"provider":"0"}'], usage=True, cuts=[], strip=True)  # a provider only mid-stream
 def test_stream_tap_passes_bytes_on(events: list[bytes], usage: bool, cuts: list[int], strip: bool) -> None:
     body = b"".join(b"data: " + e.replace(b"\n", b" ").replace(b"\r", b" ") + b"\n\n" for e in events)
     if usage:
