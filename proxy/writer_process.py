@@ -202,8 +202,9 @@ class RecorderLink:
         """True from when the child falls behind until it has caught up by half: more than the configured
         backlog of frames waits for it to read, or more records wait in it for the database than a batch
         and a tenth of database.queue_max. The second happens when the machine is saturated: the child reads and
-        parses at once, but at nice 10 it gets too little CPU left to write. Parsing here then slows the
-        serving process, which leaves the writer the CPU it needs, instead of letting records pile up.
+        parses at once, but at nice 10 (see writer_nice) it gets too little CPU left to write. Parsing here
+        then slows the serving process, which leaves the writer the CPU it needs, instead of letting records
+        pile up.
         A slow database trips it too; parsing here then costs CPU and helps nothing, but loses nothing."""
         process = self._process
         waiting = 0
@@ -412,6 +413,24 @@ class RecorderLink:
 # ---- the child ------------------------------------------------------------------------------------
 
 
+def writer_nice(workers: int, cpus: int) -> int:
+    """The writer process's nice value. While the serving processes leave a core spare, the writer
+    yields to them (10): it uses what they leave, and one that falls behind hands parsing back to its
+    serving process (RecorderLink._send_outbox). With as many serving processes as cores, a saturated
+    machine leaves a nice-10 writer a tenth of a core: its records wait past the recorder's hold_max and
+    go through the spool (measured, 2 workers on 2 cores: over half of them), so it runs at their
+    priority instead."""
+    return 10 if workers < cpus else 0
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     from .db import create_engine
     from .pricing import Pricer
@@ -422,6 +441,8 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
         return
     config: Config = start[1]
     ring = None if start[2] is None else RingReader(start[2])
+    with contextlib.suppress(OSError):
+        os.nice(writer_nice(config.server.workers, usable_cpus()))
     logging.basicConfig(
         level=config.logging.level.upper(),
         stream=sys.stderr,
@@ -507,9 +528,6 @@ def main() -> None:
     # the parent decides when the writer stops (it drains on close); Ctrl-C reaches the whole group
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        os.nice(10)  # the serving process wins when both want a core; a writer that falls behind
-        # hands parsing back to it (RecorderLink._send_outbox), so a starved writer cannot pile up memory
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:

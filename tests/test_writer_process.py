@@ -27,7 +27,7 @@ from proxy.capture import redact_fingerprinted
 from proxy.completions import CompletionRecord
 from proxy.metrics import LedgerMetrics
 from proxy.request_facts import key_fingerprint
-from proxy.writer_process import PIPE_BYTES, READS, RecorderLink
+from proxy.writer_process import PIPE_BYTES, READS, RecorderLink, usable_cpus, writer_nice
 
 from .conftest import Ledger, make_config, start_ledger
 from .helpers import eventually
@@ -259,6 +259,37 @@ def test_redaction_by_fingerprint_finds_the_key_and_nothing_else() -> None:
     glued = f"prefix{key}suffix"  # inside a longer run of key characters
     assert redact_fingerprinted(glued, fingerprint, len(key)) == "prefix[redacted]suffix"
     assert redact_fingerprinted(orjson.dumps({"k": 1}).decode(), fingerprint, len(key)) == '{"k":1}'
+
+
+def test_the_writer_yields_to_serving_processes_only_while_they_leave_a_core_spare() -> None:
+    assert writer_nice(workers=1, cpus=2) == 10
+    assert writer_nice(workers=3, cpus=8) == 10
+    assert writer_nice(workers=2, cpus=2) == 0  # 2 workers on 2 cores: a nice-10 writer falls behind
+    assert writer_nice(workers=1, cpus=1) == 0
+    assert writer_nice(workers=4, cpus=2) == 0
+
+
+@pytest.mark.parametrize("spare_core", [True, False])
+async def test_the_writer_process_runs_at_the_nice_value_for_the_workers_and_cores(
+    upstream: FakeUpstream, tmp_path: Path, spare_core: bool
+) -> None:
+    cpus = usable_cpus()
+    if spare_core and cpus == 1:
+        pytest.skip("one usable CPU: no worker count leaves a core spare")
+    workers = 1 if spare_core else cpus
+    config = make_config(
+        upstream.url,
+        f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}",
+        tmp_path,
+        database={"writer": "process"},
+        server={"workers": workers},
+    )
+    ledger = await start_ledger(config)  # one serving process; the config says how many `serve` runs
+    try:
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, child_pid(ledger)) == min(19, ours + (10 if spare_core else 0))
+    finally:
+        await ledger.stop()
 
 
 def items_sent(link: Any) -> list[object]:
