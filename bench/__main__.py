@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -275,6 +276,7 @@ class Bench:
                         target["parsed_in_server"] = parsed_in_server(target["url"])
                     target["exit_code"] = target["service"].stop()
                     target.update(count_rows(target["database"]))
+                    target["replayed"] = replayed_from_spool(target["service"].log)
         finally:
             for service in reversed(services):
                 service.stop(timeout=30)
@@ -323,6 +325,13 @@ def parsed_in_server(url: str) -> int | None:
             if sample.name == "chatledger_calls_parsed_in_server_total":
                 return int(sample.value)
     return None
+
+
+def replayed_from_spool(log: Path) -> int:
+    """Records the writers wrote late, through the spool (a writer that cannot keep up spools what waited
+    over a second), from the `replayed N record(s)` lines of chatledger's log."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return sum(int(count) for count in re.findall(r"replayed (\d+) record", text))
 
 
 def count_rows(database: Path) -> dict[str, Any]:

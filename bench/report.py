@@ -37,6 +37,8 @@ def rows_verdict(target: dict[str, Any]) -> str:
     catch_up = target.get("catch_up_s")
     if catch_up:  # the writer was behind when the load stopped
         verdict += f" (writer caught up {catch_up:g} s after load)"
+    if target.get("replayed"):
+        verdict += f" ({target['replayed']:,} written late, through the spool)"
     if target.get("parsed_in_server"):
         verdict += f" ({target['parsed_in_server']:,} parsed in the serving process)"
     return f"{rows:,} / {bounds} {verdict}"
