@@ -161,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-profile", help="directory for the raw profile and report")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument(
+        "--stream-request",
+        choices=("include-usage", "sdk-default"),
+        default="include-usage",
+        help="as python -m bench: sdk-default streams make chatledger add include_usage and cut the usage chunk",
+    )
+    parser.add_argument(
         "--diff",
         nargs=2,
         metavar=("A", "B"),
@@ -179,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="chatledger-profile-"))
-    bench_args = parse_args(["--connections", str(args.connections), "--loadgen", args.loadgen])
+    bench_args = parse_args(
+        ["--connections", str(args.connections), "--loadgen", args.loadgen, "--stream-request", args.stream_request]
+    )
     bench = Bench(bench_args, work)
     upstream, _ = bench.upstream(args.mode)
     services = [upstream]
@@ -198,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             "pid": service.pid,
         }
         bench.load(target, args.mode, args.connections, 2.0)  # warm-up
-        name = f"{args.target}-{args.mode}" + ("-writer" if args.process == "writer" else "")
+        sdk = "-sdk-default" if args.mode == "stream" and args.stream_request == "sdk-default" else ""
+        name = f"{args.target}-{args.mode}{sdk}" + ("-writer" if args.process == "writer" else "")
         raw = out / f"{name}.raw.txt"
         result: dict[str, Any] = {}
 
