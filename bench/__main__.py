@@ -27,7 +27,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from .payloads import STREAM_EVENTS, request_body
-from .procs import Service, cpu_seconds, free_port, machine_busy, python_module, rss_mb
+from .procs import Service, cpu_seconds, free_port, machine_busy, python_module, rss_mb, wait_listening
 from .report import summarise, table, verdicts
 from .upstream import nginx_command, nginx_config
 from .wrk import run_wrk, write_script, wrk_binary
@@ -238,7 +238,9 @@ class Bench:
                         "workers": workers,
                     }
                 )
-            time.sleep(1.0)  # let N>1 workers all bind before measuring
+            for target in targets:
+                if target.get("workers"):
+                    wait_listening(int(target["url"].rsplit(":", 1)[1]), target["workers"])
             self.own_pids = [s.pid for s in services]
             for target in targets:
                 target["events_per_request"] = STREAM_EVENTS

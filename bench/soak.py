@@ -13,7 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from .procs import rss_mb
+from .procs import rss_mb, wait_listening
 
 if TYPE_CHECKING:
     from .__main__ import Bench
@@ -43,6 +43,7 @@ def run_soak(bench: Bench, seconds: float) -> dict[str, Any]:
         ledger, database = bench.ledger(upstream_url, workers, "soak")
         ledger.start(timeout=60)
         services.append(ledger)
+        wait_listening(ledger.port, workers)
         bench.own_pids = [s.pid for s in services]
         target = {
             "name": ledger.name,
