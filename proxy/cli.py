@@ -265,6 +265,9 @@ def _logs(args: argparse.Namespace, config: Config) -> int:
     if args.limit < 0:
         raise UsageError("--limit: expected 0 (all) or more")
     filters = _filter_values(args)
+    if args.limit == 0:
+        _run(config, lambda engine: _print_all_logs(engine, filters, as_json=args.json))
+        return 0
 
     async def recent(engine: Any) -> Any:
         async with engine.connect() as conn:
@@ -279,6 +282,29 @@ def _logs(args: argparse.Namespace, config: Config) -> int:
 
         print(format_logs(rows))
     return 0
+
+
+LOGS_PAGE_ROWS = 1000
+
+
+async def _print_all_logs(engine: Any, filters: Any, *, as_json: bool) -> None:
+    """`logs -n 0`: every match, newest first, printed as it streams in (memory stays flat however large
+    the ledger); the table gets its header and column widths per page of LOGS_PAGE_ROWS rows."""
+    from .queries import iter_completions
+    from .report import format_logs
+
+    page: list[dict[str, Any]] = []
+    printed = False
+    async for row in iter_completions(engine, filters, newest_first=True, chunk=LOGS_PAGE_ROWS):
+        if as_json:
+            _print_json(row)
+            continue
+        page.append(row)
+        if len(page) == LOGS_PAGE_ROWS:
+            print(format_logs(page), flush=True)
+            page, printed = [], True
+    if not as_json and (page or not printed):
+        print(format_logs(page))
 
 
 def _stats(args: argparse.Namespace, config: Config) -> int:

@@ -298,11 +298,12 @@ async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, 
 
 
 async def iter_completions(
-    engine: AsyncEngine, filters: Filters, *, limit: int = 0, chunk: int = 1000
+    engine: AsyncEngine, filters: Filters, *, limit: int = 0, chunk: int = 1000, newest_first: bool = False
 ) -> AsyncIterator[dict[str, Any]]:
-    """Oldest first, streamed with a server-side cursor in chunks: memory stays flat however many rows."""
+    """Oldest first (or newest), streamed with a server-side cursor in chunks: memory stays flat however
+    many rows."""
     async with engine.connect() as conn, engine.connect() as side:
-        query = completions_query(filters, conn.dialect.name).order_by(c.id)
+        query = completions_query(filters, conn.dialect.name).order_by(c.id.desc() if newest_first else c.id)
         if limit:
             query = query.limit(limit)
         result = await conn.stream(query.execution_options(yield_per=chunk))

@@ -5,6 +5,7 @@ Rows are inserted straight into a migrated ledger (tests/querydata.py); SQLite a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy import cli
 from proxy.cli import main
 from proxy.db import ApiKey, create_engine
 from proxy.migrate import upgrade
@@ -100,6 +102,23 @@ async def test_logs_table(seeded: Seeded, capsys: pytest.CaptureFixture[str]) ->
     code, out, _ = await run_cli(capsys, "logs", "--database", seeded.url, "-n", "0")
     assert len(out.splitlines()) == len(seeded.rows) + 1
     code, out, _ = await run_cli(capsys, "logs", "--database", seeded.url, "-n", "3", "--user", "nobody")
+    assert out.strip() == "no completions match"
+
+
+async def test_logs_of_every_row_stream_in_pages_newest_first(
+    seeded: Seeded, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "LOGS_PAGE_ROWS", 3)
+    code, out, _ = await run_cli(capsys, "logs", "--database", seeded.url, "-n", "0")
+    assert code == 0
+    lines = out.splitlines()
+    headers = [n for n, line in enumerate(lines) if line.startswith("ID ")]
+    assert headers == list(range(0, len(lines), 4))  # a header, then three rows, page after page
+    ids = [line.split()[0] for n, line in enumerate(lines) if n not in headers]
+    assert ids == [row["request_id"][-8:] for row in seeded.newest()]
+    code, out, _ = await run_cli(capsys, "logs", "--database", seeded.url, "-n", "0", "--json")
+    assert [r["id"] for r in json_lines(out)] == [r["id"] for r in seeded.newest()]
+    code, out, _ = await run_cli(capsys, "logs", "--database", seeded.url, "-n", "0", "--user", "nobody")
     assert out.strip() == "no completions match"
 
 
@@ -232,7 +251,9 @@ FROM seq
 """
 
 
-async def _export_peak(url: str, rows: int, target: Path) -> int:
+async def _peak(url: str, rows: int, target: Path, *command: str) -> int:
+    """Peak traced memory of `chatledger COMMAND` over a ledger of `rows` rows; what it prints goes to
+    `target` (a file, so the output does not count)."""
     engine = create_engine(url)
     await upgrade(engine)
     async with engine.begin() as conn:
@@ -247,9 +268,8 @@ async def _export_peak(url: str, rows: int, target: Path) -> int:
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        code = await asyncio.to_thread(
-            main, ["export", "--format", "jsonl", "-o", str(target), "--database", url]
-        )
+        with target.open("w") as out, contextlib.redirect_stdout(out):
+            code = await asyncio.to_thread(main, [*command, "--database", url])
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -260,13 +280,10 @@ async def _export_peak(url: str, rows: int, target: Path) -> int:
 
 
 @pytest.mark.slow
-async def test_export_streams_100k_rows_in_bounded_memory(tmp_path: Path) -> None:
-    small = await _export_peak(
-        f"sqlite+aiosqlite:///{tmp_path / 'small.db'}", 10_000, tmp_path / "small.jsonl"
-    )
-    large = await _export_peak(
-        f"sqlite+aiosqlite:///{tmp_path / 'large.db'}", 100_000, tmp_path / "large.jsonl"
-    )
+@pytest.mark.parametrize("command", [("export", "--format", "jsonl"), ("logs", "-n", "0", "--json")])
+async def test_every_row_streams_in_bounded_memory(tmp_path: Path, command: tuple[str, ...]) -> None:
+    small = await _peak(f"sqlite+aiosqlite:///{tmp_path / 'small.db'}", 10_000, tmp_path / "small.jsonl", *command)
+    large = await _peak(f"sqlite+aiosqlite:///{tmp_path / 'large.db'}", 100_000, tmp_path / "large.jsonl", *command)
     size = (tmp_path / "large.jsonl").stat().st_size
     assert size > 80 * 2**20  # the whole export, held in memory, would need well over this
     assert large < 40 * 2**20, large
