@@ -155,7 +155,8 @@ def time_command(args: list[str], database: Path, repeat: int) -> tuple[float, f
 async def time_queries(database: Path, repeat: int) -> dict[str, float]:
     """The queries alone (engine already open), best of `repeat`."""
     from proxy.db import create_engine
-    from proxy.queries import Filters, fetch_completions, fetch_stats
+    from proxy.queries import Filters, fetch_completions
+    from proxy.stats import fetch_stats
 
     engine = create_engine(f"sqlite+aiosqlite:///{database}")
     results: dict[str, float] = {}

@@ -17,15 +17,8 @@ from aiohttp import web
 from .config import Config
 from .keys import CONFIG, ENGINE, METRICS
 from .metrics import CONTENT_TYPE
-from .queries import (
-    FilterError,
-    fetch_completion,
-    fetch_completions,
-    fetch_stats,
-    parse_dimension,
-    parse_filters,
-    to_json,
-)
+from .queries import FilterError, fetch_completion, fetch_completions, parse_filters, to_json
+from .stats import fetch_stats, parse_dimension
 
 API_PREFIX = "/_ledger/api/"
 DEFAULT_LIMIT = 50

@@ -308,7 +308,8 @@ async def _print_all_logs(engine: Any, filters: Any, *, as_json: bool) -> None:
 
 
 def _stats(args: argparse.Namespace, config: Config) -> int:
-    from .queries import FilterError, fetch_stats, parse_dimension
+    from .queries import FilterError
+    from .stats import fetch_stats, parse_dimension
 
     try:
         by = parse_dimension(args.by)

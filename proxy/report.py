@@ -11,7 +11,8 @@ from typing import Any, TextIO
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .pricing import RATE_FIELDS, PriceEntry
-from .queries import COLUMNS, Filters, Stats, StatsRow, iter_completions, short_id, to_json
+from .queries import COLUMNS, Filters, iter_completions, short_id, to_json
+from .stats import Stats, StatsRow
 
 MAX_CELL = 40
 

@@ -15,7 +15,8 @@ import openai
 import pytest
 from multidict import MultiDict
 
-from proxy.queries import Filters, fetch_stats
+from proxy.queries import Filters
+from proxy.stats import fetch_stats
 
 from .conftest import Ledger, make_config, start_ledger
 from .payloads import OPENAI_BASIC

@@ -23,8 +23,9 @@ from proxy import cli
 from proxy.cli import main
 from proxy.db import ApiKey, create_engine
 from proxy.migrate import upgrade
-from proxy.queries import COLUMNS, Filters, fetch_stats
+from proxy.queries import COLUMNS, Filters
 from proxy.request_facts import key_fingerprint
+from proxy.stats import fetch_stats
 
 from .querydata import base_time, expected_ids, filter_cases, insert_rows, make_rows, run_cli
 

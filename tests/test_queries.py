@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import queries
+from proxy import stats as stats_module
 from proxy.db import create_engine
 from proxy.migrate import upgrade
 from proxy.queries import (
@@ -21,13 +22,13 @@ from proxy.queries import (
     Filters,
     fetch_completion,
     fetch_completions,
-    fetch_stats,
     iter_completions,
     parse_filters,
     parse_time,
     short_id,
 )
 from proxy.request_facts import key_fingerprint, new_request_id
+from proxy.stats import fetch_stats
 
 from .querydata import (
     KEY_LABELS,
@@ -296,8 +297,8 @@ async def test_sqlite_percentile_fallbacks_agree(seeded: Seeded, monkeypatch: py
     """The paths for very many pairs or groups give the same numbers as the usual ones."""
     async with seeded.engine.connect() as conn:
         usual = {by: await fetch_stats(conn, by, Filters()) for by in ("model", "hour")}
-        monkeypatch.setattr(queries, "MAX_UNION_ARMS", 1)
-        monkeypatch.setattr(queries, "MAX_WANTED_RANKS", 2)
+        monkeypatch.setattr(stats_module, "MAX_UNION_ARMS", 1)
+        monkeypatch.setattr(stats_module, "MAX_WANTED_RANKS", 2)
         for by, stats in usual.items():
             again = await fetch_stats(conn, by, Filters())
             assert [r.as_dict() for r in again.rows] == [r.as_dict() for r in stats.rows]
