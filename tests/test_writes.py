@@ -15,7 +15,7 @@ from proxy.completions import ChoiceRecord, CompletionRecord
 from proxy.db import Completion, CompletionChoice, create_engine
 from proxy.migrate import upgrade
 from proxy.recorder import record_to_row
-from proxy.writes import BatchWriter
+from proxy.writes import COLUMNS, BatchWriter
 
 
 def make_records(count: int) -> list[CompletionRecord]:
@@ -87,3 +87,19 @@ async def test_batch_writer_round_trips_every_value(database_url: str) -> None:
             ]
     finally:
         await engine.dispose()
+
+
+def test_batch_writer_params_give_null_for_columns_a_row_lacks() -> None:
+    full = record_to_row(make_records(2)[1])  # with a cost, tags and a choice
+    partial = {name: full[name] for name in ("request_id", "started_at", "cost", "usage", "choices")}
+    assert full["cost"] is not None
+    assert full["tags"]
+    assert full["choices"]
+    for dialect in ("sqlite", "postgresql"):
+        writer = BatchWriter(dialect)
+        (whole,), _ = writer.params([full])
+        (sparse,), choices = writer.params([partial])
+        assert len(sparse) == len(whole) == len(COLUMNS)
+        for name, a, b in zip(COLUMNS, whole, sparse, strict=True):
+            assert b == (a if name in partial else None), (dialect, name)
+        assert len(choices) == len(full["choices"])
