@@ -20,12 +20,14 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import math
 import os
 import pickle
 import signal
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .capture import CapturedCall, Exchange, materialize
@@ -423,12 +425,32 @@ def writer_nice(workers: int, cpus: int) -> int:
     return 10 if workers < cpus else 0
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (a container's cpuset, not the host's count)."""
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: those it may run on (a container's cpuset, not the host's count),
+    capped by a CPU quota (a container's --cpus: cgroup v2 cpu.max, v1 cpu.cfs_quota_us), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time per period the cgroup may use; None when unlimited or not known."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota == "max":
+            return None
+        return int(quota) / int(period) if int(period) > 0 else None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:

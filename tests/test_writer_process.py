@@ -269,6 +269,24 @@ def test_the_writer_yields_to_serving_processes_only_while_they_leave_a_core_spa
     assert writer_nice(workers=4, cpus=2) == 0
 
 
+def test_usable_cpus_are_capped_by_a_cgroup_cpu_quota(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    (v1 / "cpu").mkdir(parents=True)
+    v2.mkdir()
+    none.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert usable_cpus(v2) == min(cpus, 2)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(v2) == cpus
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # unlimited
+    assert usable_cpus(v1) == cpus
+    assert usable_cpus(none) == cpus
+
+
 @pytest.mark.parametrize("spare_core", [True, False])
 async def test_the_writer_process_runs_at_the_nice_value_for_the_workers_and_cores(
     upstream: FakeUpstream, tmp_path: Path, spare_core: bool
