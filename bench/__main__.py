@@ -239,8 +239,8 @@ class Bench:
                     }
                 )
             for target in targets:
-                if target.get("workers"):
-                    wait_listening(int(target["url"].rsplit(":", 1)[1]), target["workers"])
+                if target.get("service") is not None:
+                    wait_listening(target["service"].port, target["workers"])
             self.own_pids = [s.pid for s in services]
             for target in targets:
                 target["events_per_request"] = STREAM_EVENTS

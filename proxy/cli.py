@@ -240,7 +240,7 @@ def _print_json(value: Any, *, indent: bool = False) -> None:
 
 
 def _logs(args: argparse.Namespace, config: Config) -> int:
-    from .queries import fetch_completion, fetch_completions
+    from .queries import fetch_completion
 
     if args.action:
         if len(args.action) != 2 or args.action[0] != "show":
@@ -265,37 +265,22 @@ def _logs(args: argparse.Namespace, config: Config) -> int:
     if args.limit < 0:
         raise UsageError("--limit: expected 0 (all) or more")
     filters = _filter_values(args)
-    if args.limit == 0:
-        _run(config, lambda engine: _print_all_logs(engine, filters, as_json=args.json))
-        return 0
-
-    async def recent(engine: Any) -> Any:
-        async with engine.connect() as conn:
-            return await fetch_completions(conn, filters, limit=args.limit)
-
-    rows = _run(config, recent)
-    if args.json:
-        for row in rows:
-            _print_json(row)
-    else:
-        from .report import format_logs
-
-        print(format_logs(rows))
+    _run(config, lambda engine: _print_logs(engine, filters, limit=args.limit, as_json=args.json))
     return 0
 
 
 LOGS_PAGE_ROWS = 1000
 
 
-async def _print_all_logs(engine: Any, filters: Any, *, as_json: bool) -> None:
-    """`logs -n 0`: every match, newest first, printed as it streams in (memory stays flat however large
-    the ledger); the table gets its header and column widths per page of LOGS_PAGE_ROWS rows."""
+async def _print_logs(engine: Any, filters: Any, *, limit: int, as_json: bool) -> None:
+    """`logs`: the newest `limit` matches (0: all), printed as they stream in, so memory stays flat
+    however large the ledger; the table gets its header and column widths per page of LOGS_PAGE_ROWS."""
     from .queries import iter_completions
     from .report import format_logs
 
     page: list[dict[str, Any]] = []
     printed = False
-    async for row in iter_completions(engine, filters, newest_first=True, chunk=LOGS_PAGE_ROWS):
+    async for row in iter_completions(engine, filters, limit=limit, newest_first=True, chunk=LOGS_PAGE_ROWS):
         if as_json:
             _print_json(row)
             continue

@@ -111,8 +111,9 @@ def _fast_copy(
 ) -> tuple[CIMultiDict[str] | None, str]:
     """(a copy of the headers without the `dropped` names, their lowercased names joined by newlines), or
     (None, "") when the headers need the one-at-a-time filter: fewer than FEW_HEADERS (the loop costs
-    less), an `unusual` name, or a Connection header naming others. The names are lowercased and checked as one set, and
-    the copy is made in C, instead of a Python loop over every header (an SDK sends fifteen or more)."""
+    less), an `unusual` name, or a Connection header naming others. The names are lowercased and checked
+    as one set, and the copy is made in C, instead of a Python loop over every header (an SDK sends
+    fifteen or more)."""
     if len(headers) < FEW_HEADERS:
         return None, ""
     joined = "\n".join(headers.keys()).lower()  # in C: lower() on each name costs more

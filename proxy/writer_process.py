@@ -133,6 +133,8 @@ def _in_ring(item: CompletionRecord | CapturedCall) -> bool:
 
 def _with_reads(item: CapturedCall, reads: Any) -> CapturedCall:
     return (*item[:READS], reads, *item[READS + 1 :])
+
+
 PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
 
 
