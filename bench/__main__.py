@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .payloads import STREAM_EVENTS, request_body
 from .procs import Service, cpu_seconds, free_port, machine_busy, python_module, rss_mb, wait_listening
-from .report import summarise, table, verdicts
+from .report import ONE_STEP_PASSTHROUGH, summarise, table, verdicts
 from .upstream import nginx_command, nginx_config
 from .wrk import run_wrk, write_script, wrk_binary
 
@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="streamed chunks carry OpenAI's random-length `obfuscation` string, as OpenAI sends them by default",
     )
+    parser.add_argument(
+        "--one-step-passthrough",
+        action="store_true",
+        help="also run the passthrough reading upstream bodies as chatledger does (bench.passthrough "
+        "--read-available): chatledger against it is the cost of logging alone",
+    )
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="run the memory soak instead")
     parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
@@ -86,8 +92,9 @@ def python_upstream_command(port: int, events_per_write: int = 10, obfuscation: 
     return [*command, "--obfuscation"] if obfuscation else command
 
 
-def passthrough_command(port: int, upstream_url: str) -> list[str]:
-    return python_module("bench.passthrough", "--port", str(port), "--upstream", upstream_url)
+def passthrough_command(port: int, upstream_url: str, one_step_reads: bool = False) -> list[str]:
+    command = python_module("bench.passthrough", "--port", str(port), "--upstream", upstream_url)
+    return [*command, "--read-available"] if one_step_reads else command
 
 
 def ledger_command(port: int, upstream_url: str, database: Path, workers: int = 1) -> list[str]:
@@ -163,9 +170,11 @@ class Bench:
         service.start()
         return service, kind
 
-    def passthrough(self, upstream_url: str) -> Service:
+    def passthrough(self, upstream_url: str, one_step_reads: bool = False) -> Service:
         port = free_port()
-        return Service("passthrough", passthrough_command(port, upstream_url), port, self.work / "passthrough.log")
+        name = ONE_STEP_PASSTHROUGH if one_step_reads else "passthrough"
+        command = passthrough_command(port, upstream_url, one_step_reads)
+        return Service(name, command, port, self.work / f"{name.replace(' ', '-')}.log")
 
     def ledger(self, upstream_url: str, workers: int, mode: str) -> tuple[Service, Path]:
         port = free_port()
@@ -215,12 +224,13 @@ class Bench:
         services: list[Service] = [upstream]
         targets: list[dict[str, Any]] = [{"name": "direct", "url": upstream_url, "pid": upstream.pid}]
         try:
-            passthrough = self.passthrough(upstream_url)
-            passthrough.start()
-            services.append(passthrough)
-            targets.append(
-                {"name": "passthrough", "url": f"http://127.0.0.1:{passthrough.port}", "pid": passthrough.pid}
-            )
+            for one_step_reads in (False, True) if args.one_step_passthrough else (False,):
+                passthrough = self.passthrough(upstream_url, one_step_reads)
+                passthrough.start()
+                services.append(passthrough)
+                targets.append(
+                    {"name": passthrough.name, "url": f"http://127.0.0.1:{passthrough.port}", "pid": passthrough.pid}
+                )
             for workers in [int(w) for w in args.workers.split(",") if w.strip()]:
                 ledger, database = self.ledger(upstream_url, workers, mode)
                 ledger.start(timeout=60)

@@ -3,6 +3,9 @@
 Reads the body, forwards method, path, headers and body through one shared ClientSession, streams the
 response back read by read (iter_any). No parsing, no logging. Uses uvloop when installed, as
 chatledger does. Run: `python -m bench.passthrough --port 9002 --upstream http://127.0.0.1:9001`.
+
+`--read-available` reads the upstream body as chatledger does (proxy.upstream_read: every buffered HTTP
+chunk in one step) instead of iter_any: the reference that shows what logging alone costs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
+
+from proxy.upstream_read import read_available
 
 DROPPED = frozenset(
     {
@@ -33,6 +38,7 @@ DROPPED_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding"})
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
+READ_AVAILABLE = web.AppKey("read_available", bool)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -51,8 +57,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
             if name.lower() not in DROPPED_RESPONSE:
                 response.headers.add(name, value)
         await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+        if request.app[READ_AVAILABLE]:
+            while chunk := await read_available(upstream.content):
+                await response.write(chunk)
+        else:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
         await response.write_eof()
         return response
 
@@ -69,9 +79,10 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-def create_app(upstream: str) -> web.Application:
+def create_app(upstream: str, one_step_reads: bool = False) -> web.Application:
     app = web.Application(client_max_size=32 * 1024 * 1024)
     app[UPSTREAM] = upstream.rstrip("/")
+    app[READ_AVAILABLE] = one_step_reads
     app.cleanup_ctx.append(_session)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
@@ -83,6 +94,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9002)
     parser.add_argument("--upstream", default="http://127.0.0.1:9001")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--read-available", action="store_true", help="read upstream bodies as chatledger does")
     args = parser.parse_args()
     if not args.no_uvloop:
         try:
@@ -92,7 +104,7 @@ def main() -> None:
         else:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     web.run_app(
-        create_app(args.upstream),
+        create_app(args.upstream, args.read_available),
         host=args.host,
         port=args.port,
         access_log=None,

@@ -34,6 +34,7 @@ from .request_facts import (
     redact_query,
 )
 from .taps import MAX_PARSED_BODY, BodyTap, StreamTap
+from .upstream_read import read_available
 
 STREAM_HEAD_BYTES = 64 * 1024
 STREAM_TAIL_BYTES = 1024 * 1024
@@ -573,7 +574,7 @@ class Forwarder:
         content = upstream.content
         while True:
             try:
-                chunk = await content.readany()
+                chunk = await read_available(content)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 return await _salvage(response, stream_tap, read_failure(exc))
             if stream_tap is not None:
