@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .payloads import STREAM_EVENTS, request_body
 from .procs import Service, cpu_seconds, free_port, machine_busy, python_module, rss_mb, wait_listening
-from .report import ONE_STEP_PASSTHROUGH, summarise, table, verdicts
+from .report import SAME_RELAY_PASSTHROUGH, summarise, table, verdicts
 from .upstream import nginx_command, nginx_config
 from .wrk import run_wrk, write_script, wrk_binary
 
@@ -76,10 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="streamed chunks carry OpenAI's random-length `obfuscation` string, as OpenAI sends them by default",
     )
     parser.add_argument(
-        "--one-step-passthrough",
+        "--same-relay-passthrough",
         action="store_true",
-        help="also run the passthrough reading upstream bodies as chatledger does (bench.passthrough "
-        "--read-available): chatledger against it is the cost of logging alone",
+        help="also run the passthrough relaying bodies as chatledger does (bench.passthrough --same-relay): "
+        "chatledger against it is the cost of logging alone",
     )
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="run the memory soak instead")
     parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
@@ -92,9 +92,9 @@ def python_upstream_command(port: int, events_per_write: int = 10, obfuscation: 
     return [*command, "--obfuscation"] if obfuscation else command
 
 
-def passthrough_command(port: int, upstream_url: str, one_step_reads: bool = False) -> list[str]:
+def passthrough_command(port: int, upstream_url: str, same_relay: bool = False) -> list[str]:
     command = python_module("bench.passthrough", "--port", str(port), "--upstream", upstream_url)
-    return [*command, "--read-available"] if one_step_reads else command
+    return [*command, "--same-relay"] if same_relay else command
 
 
 def ledger_command(port: int, upstream_url: str, database: Path, workers: int = 1) -> list[str]:
@@ -170,10 +170,10 @@ class Bench:
         service.start()
         return service, kind
 
-    def passthrough(self, upstream_url: str, one_step_reads: bool = False) -> Service:
+    def passthrough(self, upstream_url: str, same_relay: bool = False) -> Service:
         port = free_port()
-        name = ONE_STEP_PASSTHROUGH if one_step_reads else "passthrough"
-        command = passthrough_command(port, upstream_url, one_step_reads)
+        name = SAME_RELAY_PASSTHROUGH if same_relay else "passthrough"
+        command = passthrough_command(port, upstream_url, same_relay)
         return Service(name, command, port, self.work / f"{name.replace(' ', '-')}.log")
 
     def ledger(self, upstream_url: str, workers: int, mode: str) -> tuple[Service, Path]:
@@ -224,8 +224,8 @@ class Bench:
         services: list[Service] = [upstream]
         targets: list[dict[str, Any]] = [{"name": "direct", "url": upstream_url, "pid": upstream.pid}]
         try:
-            for one_step_reads in (False, True) if args.one_step_passthrough else (False,):
-                passthrough = self.passthrough(upstream_url, one_step_reads)
+            for same_relay in (False, True) if args.same_relay_passthrough else (False,):
+                passthrough = self.passthrough(upstream_url, same_relay)
                 passthrough.start()
                 services.append(passthrough)
                 targets.append(

@@ -4,8 +4,9 @@ Reads the body, forwards method, path, headers and body through one shared Clien
 response back read by read (iter_any). No parsing, no logging. Uses uvloop when installed, as
 chatledger does. Run: `python -m bench.passthrough --port 9002 --upstream http://127.0.0.1:9001`.
 
-`--read-available` reads the upstream body as chatledger does (proxy.upstream_read: every buffered HTTP
-chunk in one step) instead of iter_any: the reference that shows what logging alone costs.
+`--same-relay` relays bodies as chatledger does: every buffered HTTP chunk read in one step
+(proxy.upstream_read) instead of iter_any, and a body already received whole sent with its headers in one
+write (proxy.forward.relay_response). Against that reference, chatledger's overhead is its logging alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.forward import relay_response
 from proxy.upstream_read import read_available
 
 DROPPED = frozenset(
@@ -38,7 +40,7 @@ DROPPED_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding"})
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
-READ_AVAILABLE = web.AppKey("read_available", bool)
+SAME_RELAY = web.AppKey("same_relay", bool)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -52,19 +54,28 @@ async def forward(request: web.Request) -> web.StreamResponse:
         allow_redirects=False,
         skip_auto_headers=SKIP_AUTO_HEADERS,
     ) as upstream:
+        if request.app[SAME_RELAY]:
+            return await _same_relay(request, upstream)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
             if name.lower() not in DROPPED_RESPONSE:
                 response.headers.add(name, value)
         await response.prepare(request)
-        if request.app[READ_AVAILABLE]:
-            while chunk := await read_available(upstream.content):
-                await response.write(chunk)
-        else:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
         await response.write_eof()
         return response
+
+
+async def _same_relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """forward's relay as chatledger does it (--same-relay)."""
+    headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in DROPPED_RESPONSE)
+    response = relay_response(upstream, headers)
+    await response.prepare(request)
+    while chunk := await read_available(upstream.content):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 async def _session(app: web.Application) -> AsyncIterator[None]:
@@ -79,10 +90,10 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-def create_app(upstream: str, one_step_reads: bool = False) -> web.Application:
+def create_app(upstream: str, same_relay: bool = False) -> web.Application:
     app = web.Application(client_max_size=32 * 1024 * 1024)
     app[UPSTREAM] = upstream.rstrip("/")
-    app[READ_AVAILABLE] = one_step_reads
+    app[SAME_RELAY] = same_relay
     app.cleanup_ctx.append(_session)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
@@ -94,7 +105,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9002)
     parser.add_argument("--upstream", default="http://127.0.0.1:9001")
     parser.add_argument("--no-uvloop", action="store_true")
-    parser.add_argument("--read-available", action="store_true", help="read upstream bodies as chatledger does")
+    parser.add_argument("--same-relay", action="store_true", help="relay bodies as chatledger does")
     args = parser.parse_args()
     if not args.no_uvloop:
         try:
@@ -104,7 +115,7 @@ def main() -> None:
         else:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     web.run_app(
-        create_app(args.upstream, args.read_available),
+        create_app(args.upstream, args.same_relay),
         host=args.host,
         port=args.port,
         access_log=None,

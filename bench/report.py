@@ -113,7 +113,7 @@ def table(mode: str, rows: list[dict[str, Any]], targets: list[dict[str, Any]], 
     return "\n".join(text)
 
 
-ONE_STEP_PASSTHROUGH = "passthrough 1-step"  # bench.passthrough --read-available
+SAME_RELAY_PASSTHROUGH = "passthrough same-relay"  # bench.passthrough --same-relay
 
 
 def verdicts(mode: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -148,12 +148,12 @@ def verdicts(mode: str, rows: list[dict[str, Any]]) -> list[str]:
             )
         if row["cpu_us_per_req"] and reference["cpu_us_per_req"]:
             parts.append(f"CPU/req {row['cpu_us_per_req'] / reference['cpu_us_per_req']:.2f}x passthrough")
-        same_reads = by_name.get(ONE_STEP_PASSTHROUGH)
+        same_reads = by_name.get(SAME_RELAY_PASSTHROUGH)
         if same_reads is not None and row["rps"] and same_reads["rps"]:
             parts.append(
                 f"throughput {row['rps'] / same_reads['rps']:.2f}x and CPU/req "
                 f"{(row['cpu_us_per_req'] or 0) / (same_reads['cpu_us_per_req'] or 1):.2f}x the passthrough "
-                "reading as chatledger does (the cost of logging alone)"
+                "relaying as chatledger does (the cost of logging alone)"
             )
         out.append(f"[{mode}] {row['name']}: " + "; ".join(parts))
     return out

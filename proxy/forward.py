@@ -453,7 +453,7 @@ class Forwarder:
 
     async def _relay_unlogged(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         headers = forwardable_response_headers(upstream.headers)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = relay_response(upstream, headers)
         try:
             failure = await self._pump(request, upstream, response, None, None)
         except asyncio.CancelledError:
@@ -473,7 +473,7 @@ class Forwarder:
         tap = self._client_tap(call, upstream, event_stream, copy)
         if tap is not copy:
             headers.popall("Content-Length", None)  # the client gets fewer bytes than the upstream sent
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = relay_response(upstream, headers)
         try:
             failure = await self._pump(request, upstream, response, tap, None)
         except asyncio.CancelledError:  # the client went away while we waited on the upstream
@@ -534,7 +534,7 @@ class Forwarder:
         body_tap = BodyTap(upstream.headers.get("Content-Encoding"))
         headers[REQUEST_ID_HEADER] = record.request_id
 
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = relay_response(upstream, headers)
         try:
             failure = await self._pump(request, upstream, response, None, body_tap)
         except asyncio.CancelledError:  # the client went away while we waited on the upstream
@@ -599,6 +599,21 @@ class Forwarder:
         transport = request.transport
         if transport is not None:
             transport.abort()
+
+class _WholeBodyResponse(web.StreamResponse):
+    """A response whose body has already arrived whole: its headers wait for the body and go out in the
+    same write (aiohttp's `Response` does the same), one send and one segment where a StreamResponse
+    takes two. On an aiohttp without this class attribute it is a plain StreamResponse."""
+
+    _send_headers_immediately = False
+
+
+def relay_response(upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]) -> web.StreamResponse:
+    """The client's response: headers sent at once while the upstream is still sending (a stream, a slow
+    body), or with the body when all of it is already here."""
+    kind = _WholeBodyResponse if upstream.content.is_eof() else web.StreamResponse
+    return kind(status=upstream.status, reason=upstream.reason, headers=headers)
+
 
 def _upstream_request_id(upstream: aiohttp.ClientResponse) -> str | None:
     for name in UPSTREAM_ID_HEADERS:

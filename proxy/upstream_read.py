@@ -43,8 +43,10 @@ def can_drain(content: StreamReader) -> bool:
 async def read_available(content: StreamReader) -> bytes:
     """What `content.readany()` returns over as many calls as there are buffered entries, in one call:
     all the bytes buffered now, or the next bytes to arrive, or b"" at the end of the body."""
+    if not can_drain(content):  # e.g. the EmptyStreamReader of a bodiless response
+        return await content.readany()
     buffer = content._buffer
-    if len(buffer) < 2 or content._buffer_offset or content._exception is not None or not can_drain(content):
+    if len(buffer) < 2 or content._buffer_offset or content._exception is not None:
         return await content.readany()
     content._timer.assert_timeout()
     data = b"".join(buffer)  # nothing runs between the join and the clear: no entry can slip in

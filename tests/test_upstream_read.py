@@ -102,3 +102,13 @@ async def test_reads_that_arrive_one_by_one_are_returned_as_they_come() -> None:
     async for url in _serve(respond):
         reads, _ = await _read_all(url)
     assert reads == EVENTS[:5]
+
+
+async def test_a_bodiless_response_reads_as_empty() -> None:
+    def respond(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async for url in _serve(respond):
+        reads, fast = await _read_all(url)
+    assert reads == []
+    assert not fast  # aiohttp's EmptyStreamReader: read through readany()
