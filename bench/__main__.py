@@ -262,6 +262,9 @@ class Bench:
             for round_number in range(args.rounds):
                 for target in targets:
                     thr = self.load(target, mode, args.connections, args.duration)
+                    if target.get("service") is not None:  # see wait_caught_up: one connection, not a backlog
+                        settled = wait_caught_up(target, idle_reads=2 * target["workers"])
+                        target.setdefault("settle_s", []).append(settled)
                     lat = self.load(target, mode, 1, args.duration)
                     target["runs"]["thr"].append(thr)
                     target["runs"]["lat"].append(lat)
@@ -300,16 +303,20 @@ class Bench:
         return {"mode": mode, "upstream": upstream_kind, "targets": targets, "summary": rows}
 
 
-def wait_caught_up(target: dict[str, Any], timeout: float = 120.0) -> float | None:
+def wait_caught_up(target: dict[str, Any], timeout: float = 120.0, idle_reads: int = 6) -> float | None:
     """Seconds until the writers have nothing queued and the spool is empty (None: not within timeout).
 
     Under a saturated CPU the writer (a lower-priority process) falls behind and spools what waited
     over a second; it catches up once the load stops. Health answers from one worker at a time, so it
-    must read idle several times in a row.
+    must read idle several times in a row (`idle_reads`).
+
+    Also run between a throughput run and the latency run that follows it: the one-connection figure is
+    then chatledger serving one connection, not one connection next to a writer still busy with what the
+    32 connections left queued (the passthrough has no such backlog to finish).
     """
     start = time.monotonic()
     spool = target["database"].with_name(target["database"].name + ".spool")
-    idle_reads = 0
+    seen = 0
     while time.monotonic() - start < timeout:
         try:
             with urllib.request.urlopen(target["url"] + "/_ledger/health", timeout=5) as response:
@@ -318,8 +325,8 @@ def wait_caught_up(target: dict[str, Any], timeout: float = 120.0) -> float | No
             health = {"queue_depth": -1}
         segments = list(spool.glob("*.jsonl")) if spool.exists() else []
         idle = health.get("queue_depth") == 0 and not [p for p in segments if not p.name.startswith("rejected")]
-        idle_reads = idle_reads + 1 if idle else 0
-        if idle_reads >= 6:
+        seen = seen + 1 if idle else 0
+        if seen >= idle_reads:
             return round(time.monotonic() - start, 1)
         time.sleep(0.25)
     return None

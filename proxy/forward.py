@@ -600,6 +600,7 @@ class Forwarder:
         if transport is not None:
             transport.abort()
 
+
 class _WholeBodyResponse(web.StreamResponse):
     """A response whose body has already arrived whole: its headers wait for the body and go out in the
     same write (aiohttp's `Response` does the same), one send and one segment where a StreamResponse
