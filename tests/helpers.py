@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import func, select
@@ -64,3 +65,39 @@ async def raw_request(port: int, data: bytes) -> bytes:
         return await asyncio.wait_for(reader.read(), 5)
     finally:
         writer.close()
+
+
+RawResponse = bytes | Callable[[asyncio.StreamWriter], Awaitable[None] | None]
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(response: RawResponse) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An upstream that answers every request with raw bytes, as they are: fixed bytes, or whatever
+    `response(writer)` writes (several writes, pauses). Yields (url, raw requests received)."""
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        received.append(head + await reader.readexactly(length))
+        if isinstance(response, bytes):
+            writer.write(response)
+        else:
+            written = response(writer)
+            if written is not None:
+                await written
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", received
+    finally:
+        server.close()
+        await server.wait_closed()

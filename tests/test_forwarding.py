@@ -34,6 +34,7 @@ from proxy.app import create_app
 from proxy.request_facts import new_request_id
 
 from .conftest import Ledger, make_config, start_ledger
+from .helpers import raw_upstream
 from .payloads import HTML_502, MODELS_LIST, OPENAI_BASIC, midstream_error_stream
 from .upstream import FakeUpstream, json_reply, sse_reply
 
@@ -74,31 +75,6 @@ async def raw_http(port: int, request: bytes) -> tuple[int, list[tuple[str, str]
         "use Content-Length"
     )
     return int(lines[0].split()[1]), headers, body
-
-
-@contextlib.asynccontextmanager
-async def raw_upstream(response: bytes) -> AsyncIterator[tuple[str, list[bytes]]]:
-    """An upstream that answers every request with fixed bytes; yields (url, raw requests received)."""
-    received: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        received.append(head + await reader.readexactly(length))
-        writer.write(response)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", received
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @contextlib.asynccontextmanager

@@ -4,38 +4,19 @@ aiohttp's real client, with flow control (pause and resume) and errors behaving 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
 
 from proxy.upstream_read import can_drain, read_available
 
+from .helpers import raw_upstream
+
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 def framed(pieces: list[bytes]) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
-
-
-async def _serve(respond: Callable[[asyncio.StreamWriter], object]) -> AsyncIterator[str]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        result = respond(writer)
-        if asyncio.iscoroutine(result):
-            await result
-        try:
-            await writer.drain()
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def _read_all(url: str, pause: float = 0.0) -> tuple[list[bytes], bool]:
@@ -56,7 +37,7 @@ async def test_one_call_takes_every_chunk_already_buffered() -> None:
     def respond(writer: asyncio.StreamWriter) -> None:
         writer.write(HEAD + framed(EVENTS) + b"0\r\n\r\n")  # 50 HTTP chunks in one write
 
-    async for url in _serve(respond):
+    async with raw_upstream(respond) as (url, _):
         reads, fast = await _read_all(url, pause=0.2)
     assert fast, "aiohttp's StreamReader no longer has the internals read_available drains in one step"
     assert b"".join(reads) == b"".join(EVENTS)
@@ -75,7 +56,7 @@ async def test_a_body_over_the_buffer_limits_pauses_and_resumes_reading() -> Non
             await writer.drain()
         writer.write(b"0\r\n\r\n")
 
-    async for url in _serve(respond):
+    async with raw_upstream(respond) as (url, _):
         reads, _ = await _read_all(url, pause=0.2)
     assert b"".join(reads) == b"".join(pieces)
     assert max(len(read) for read in reads) > 1024  # some reads took several chunks at once
@@ -85,7 +66,7 @@ async def test_a_cut_off_body_raises_as_readany_does() -> None:
     def respond(writer: asyncio.StreamWriter) -> None:
         writer.write(HEAD + framed(EVENTS[:10]))  # no last chunk: the connection closes mid-body
 
-    async for url in _serve(respond):
+    async with raw_upstream(respond) as (url, _):
         with pytest.raises(aiohttp.ClientPayloadError):
             await _read_all(url, pause=0.2)
 
@@ -99,7 +80,7 @@ async def test_reads_that_arrive_one_by_one_are_returned_as_they_come() -> None:
             await asyncio.sleep(0.05)
         writer.write(b"0\r\n\r\n")
 
-    async for url in _serve(respond):
+    async with raw_upstream(respond) as (url, _):
         reads, _ = await _read_all(url)
     assert reads == EVENTS[:5]
 
@@ -108,7 +89,7 @@ async def test_a_bodiless_response_reads_as_empty() -> None:
     def respond(writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
 
-    async for url in _serve(respond):
+    async with raw_upstream(respond) as (url, _):
         reads, fast = await _read_all(url)
     assert reads == []
     assert not fast  # aiohttp's EmptyStreamReader: read through readany()
