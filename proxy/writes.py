@@ -1,10 +1,11 @@
 """Batch INSERTs at driver level: the writer's hot path.
 
 SQLAlchemy's per-row parameter processing costs more than the database does for these small rows, so
-a batch goes to the driver as plain tuples: SQLite gets one prepared INSERT run by executemany,
-PostgreSQL a binary COPY (asyncpg). Values are converted here exactly as the SQLAlchemy types in db.py
-store them, so the ORM reads these rows back unchanged. Choices find their completion by its unique
-request_id. Measured on 2 cores: about 23k rows/s into SQLite, 27k into PostgreSQL (bench/writer_bench).
+a batch goes to the driver as plain tuples: SQLite gets multi-row INSERTs in one trip to its thread,
+PostgreSQL a binary COPY for the completions and one INSERT from unnest() for the choices (asyncpg). Values
+are converted here exactly as the SQLAlchemy types in db.py store them, so the ORM reads these rows back
+unchanged. Choices find their completion by its unique request_id. Rows/s: bench/writer_bench (README,
+Performance).
 """
 
 from __future__ import annotations
