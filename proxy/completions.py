@@ -86,12 +86,16 @@ def clean_text(value: str) -> str:
 def _text(value: Any) -> str | None:
     """A non-empty string, or None (Azure's first chunk sends empty strings for unknown values)."""
     if isinstance(value, str) and value:
+        if len(value) <= MAX_TEXT_CHARS and value.isascii() and "\x00" not in value:
+            return value  # the usual id or model name: nothing to clean or cut
         return clean_text(value)[:MAX_TEXT_CHARS] or None
     return None
 
 
 def _count(value: Any) -> int | None:
     """A token count: a non-negative integer (floats like 12.0 accepted), else None."""
+    if type(value) is int:  # the usual case first; bool is not int here
+        return value if 0 <= value < MAX_TOKEN_COUNT else None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -101,15 +105,19 @@ def _count(value: Any) -> int | None:
     return None
 
 
+_AMOUNT_TYPES = (int, float, str)
+_MAX_AMOUNT = Decimal(10) ** 12
+
+
 def _cost(value: Any) -> Decimal | None:
     """A non-negative finite amount from a number or a numeric string."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if value is None or isinstance(value, bool) or not isinstance(value, _AMOUNT_TYPES):
         return None
     try:
         amount = Decimal(str(value))
     except InvalidOperation:
         return None
-    if not amount.is_finite() or amount < 0 or amount >= Decimal(10) ** 12:
+    if not amount.is_finite() or amount < 0 or amount >= _MAX_AMOUNT:
         return None
     return amount
 
@@ -119,6 +127,17 @@ def _first_count(*values: Any) -> int | None:
         count = _count(value)
         if count is not None:
             return count
+    return None
+
+
+def _detail_count(usage: dict[str, Any], details: tuple[str, ...], key: str) -> int | None:
+    """`key` from the first of the usage's detail objects that has it as a count."""
+    for name in details:
+        detail = usage.get(name)
+        if isinstance(detail, dict):
+            count = _count(detail.get(key))
+            if count is not None:
+                return count
     return None
 
 
@@ -145,32 +164,33 @@ def error_text(value: Any) -> str | None:
     return message[:MAX_ERROR_CHARS] if message else None
 
 
+_PROMPT_DETAILS = ("prompt_tokens_details", "input_tokens_details")
+_COMPLETION_DETAILS = ("completion_tokens_details", "output_tokens_details")
+
+
 def apply_usage(record: CompletionRecord, usage: dict[str, Any]) -> None:
     """Map a usage object (OpenAI, OpenRouter, Responses API, DeepSeek, Anthropic-style) to columns."""
-    prompt_details = usage.get("prompt_tokens_details")
-    input_details = usage.get("input_tokens_details")
-    completion_details = usage.get("completion_tokens_details")
-    output_details = usage.get("output_tokens_details")
-    record.prompt_tokens = _first_count(usage.get("prompt_tokens"), usage.get("input_tokens"))
-    record.completion_tokens = _first_count(usage.get("completion_tokens"), usage.get("output_tokens"))
-    record.total_tokens = _count(usage.get("total_tokens"))
-    prompt, completion = record.prompt_tokens, record.completion_tokens
-    if record.total_tokens is None and prompt is not None and completion is not None:
-        record.total_tokens = prompt + completion
-    record.cached_tokens = _first_count(
-        _get(prompt_details, "cached_tokens"),
-        _get(input_details, "cached_tokens"),
-        usage.get("prompt_cache_hit_tokens"),
-        usage.get("cache_read_input_tokens"),
-    )
-    record.cache_write_tokens = _first_count(
-        _get(prompt_details, "cache_write_tokens"),
-        _get(input_details, "cache_write_tokens"),
-        usage.get("cache_creation_input_tokens"),
-    )
-    record.reasoning_tokens = _first_count(
-        _get(completion_details, "reasoning_tokens"), _get(output_details, "reasoning_tokens")
-    )
+    # each field from the first source that has it as a count; later sources are looked up only if needed
+    get = usage.get
+    prompt = _count(get("prompt_tokens"))
+    if prompt is None:
+        prompt = _count(get("input_tokens"))
+    completion = _count(get("completion_tokens"))
+    if completion is None:
+        completion = _count(get("output_tokens"))
+    total = _count(get("total_tokens"))
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    record.prompt_tokens, record.completion_tokens, record.total_tokens = prompt, completion, total
+    cached = _detail_count(usage, _PROMPT_DETAILS, "cached_tokens")
+    if cached is None:
+        cached = _first_count(get("prompt_cache_hit_tokens"), get("cache_read_input_tokens"))
+    record.cached_tokens = cached
+    cache_write = _detail_count(usage, _PROMPT_DETAILS, "cache_write_tokens")
+    if cache_write is None:
+        cache_write = _count(get("cache_creation_input_tokens"))
+    record.cache_write_tokens = cache_write
+    record.reasoning_tokens = _detail_count(usage, _COMPLETION_DETAILS, "reasoning_tokens")
     cost = _cost(usage.get("cost"))
     record.cost = cost
     record.cost_source = "upstream" if cost is not None else None
@@ -186,14 +206,22 @@ _META_FIELDS = ("object", "model", "provider", "system_fingerprint", "service_ti
 
 def _apply_meta(record: CompletionRecord, obj: dict[str, Any]) -> None:
     """Identity fields, each from the first object that has a usable value."""
+    get = obj.get
     if record.completion_id is None:
-        record.completion_id = _text(obj.get("id"))
+        record.completion_id = _text(get("id"))
     if record.created is None:
-        created = _count(obj.get("created"))
-        record.created = created or None
-    for name in _META_FIELDS:
-        if getattr(record, name) is None:
-            setattr(record, name, _text(obj.get(name)))
+        record.created = _count(get("created")) or None
+    # spelled out, not a loop over the names with getattr/setattr: this runs for every logged call
+    if record.object is None:
+        record.object = _text(get("object"))
+    if record.model is None:
+        record.model = _text(get("model"))
+    if record.provider is None:
+        record.provider = _text(get("provider"))
+    if record.system_fingerprint is None:
+        record.system_fingerprint = _text(get("system_fingerprint"))
+    if record.service_tier is None:
+        record.service_tier = _text(get("service_tier"))
 
 
 def _choice_state(

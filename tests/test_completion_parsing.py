@@ -365,6 +365,25 @@ def test_cached_token_sources_in_order() -> None:
     assert usage_record({"prompt_cache_miss_tokens": 6}).cached_tokens is None
 
 
+def test_an_unusable_first_source_falls_through_to_the_next() -> None:
+    record = usage_record(
+        {
+            "prompt_tokens": "x",
+            "input_tokens": 5,
+            "completion_tokens": None,
+            "output_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": "x", "cache_write_tokens": -1},
+            "input_tokens_details": {"cached_tokens": 3, "cache_write_tokens": 2},
+            "completion_tokens_details": {"reasoning_tokens": 1.5},
+            "output_tokens_details": {"reasoning_tokens": 4},
+            "cache_read_input_tokens": 99,
+            "cache_creation_input_tokens": 98,
+        }
+    )
+    assert (record.prompt_tokens, record.completion_tokens, record.total_tokens) == (5, 7, 12)
+    assert (record.cached_tokens, record.cache_write_tokens, record.reasoning_tokens) == (3, 2, 4)
+
+
 def test_cache_write_token_sources() -> None:
     assert usage_record({"prompt_tokens_details": {"cache_write_tokens": 100}}).cache_write_tokens == 100
     assert usage_record({"input_tokens_details": {"cache_write_tokens": 0}}).cache_write_tokens == 0
