@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -56,7 +57,11 @@ def _json(value: Any) -> str | None:
 
 
 def _sqlite_time(value: datetime) -> str:
-    """SQLAlchemy's SQLite DATETIME text, `YYYY-MM-DD HH:MM:SS.ffffff` in UTC (str() is the fast way)."""
+    """SQLAlchemy's SQLite DATETIME text, `YYYY-MM-DD HH:MM:SS.ffffff` in UTC. Records carry UTC times:
+    isoformat() without its "+00:00" is half the cost of dropping the zone and calling str()."""
+    if value.tzinfo is UTC:
+        text = value.isoformat(" ")[:-6]
+        return text if value.microsecond else text + ".000000"
     if value.tzinfo is not None:
         if value.utcoffset():
             value = value.astimezone(UTC)
@@ -194,7 +199,7 @@ def _chunks(rows: list[tuple[Any, ...]]) -> list[tuple[int, tuple[Any, ...]]]:
     start = 0
     while start < len(rows):
         size = next(size for size in CHUNK_ROWS if size <= len(rows) - start)
-        out.append((size, tuple(value for row in rows[start : start + size] for value in row)))
+        out.append((size, tuple(chain.from_iterable(rows[start : start + size]))))
         start += size
     return out
 

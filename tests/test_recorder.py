@@ -7,6 +7,7 @@ Every test runs on SQLite and PostgreSQL (database_url fixture).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -22,7 +23,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.completions import ChoiceRecord, CompletionRecord
-from proxy.db import create_engine
+from proxy.db import completions_table, create_engine
 from proxy.migrate import upgrade_url
 from proxy.recorder import Recorder, describe, is_data_error, record_to_row, safe_text
 from proxy.spool import Spool
@@ -86,6 +87,14 @@ def test_record_to_row_is_encodable_whatever_the_headers_held() -> None:
     assert row["user"] == "bad\ufffduser"
     assert row["tags"] == {"k\ufffd": "v"}
     assert orjson.loads(orjson.dumps(row, default=str))["user"] == "bad\ufffduser"
+
+
+def test_record_to_row_has_every_column_and_every_choice_field() -> None:
+    record = make_record()
+    record.choices = [ChoiceRecord(0, "stop", "end_turn", "assistant"), ChoiceRecord(1)]
+    row = record_to_row(record)
+    assert set(row) == {c.name for c in completions_table.columns if c.name != "id"} | {"choices"}
+    assert row["choices"] == [dataclasses.asdict(choice) for choice in record.choices]
 
 
 def test_error_classification() -> None:

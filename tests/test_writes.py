@@ -4,18 +4,20 @@ databases: the ORM reads every value back unchanged, however many rows and choic
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
+import pytest
 from sqlalchemy import func, select
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import selectinload
 
 from proxy.completions import ChoiceRecord, CompletionRecord
-from proxy.db import Completion, CompletionChoice, create_engine
+from proxy.db import Completion, CompletionChoice, UTCDateTime, create_engine
 from proxy.migrate import upgrade
 from proxy.recorder import record_to_row
-from proxy.writes import COLUMNS, BatchWriter
+from proxy.writes import COLUMNS, BatchWriter, _sqlite_time
 
 
 def make_records(count: int) -> list[CompletionRecord]:
@@ -25,7 +27,10 @@ def make_records(count: int) -> list[CompletionRecord]:
         records.append(
             CompletionRecord(
                 request_id=str(uuid.uuid4()),
-                started_at=start + timedelta(microseconds=n * 1001),  # n=0: microsecond 0 exactly
+                # n=0: microsecond 0 exactly; every seventh in another zone (the same instant is stored)
+                started_at=(start + timedelta(microseconds=n * 1001)).astimezone(
+                    timezone(timedelta(hours=2)) if n % 7 == 3 else UTC
+                ),
                 method="POST",
                 path=f"/v1/chat/completions?n={n}",
                 upstream="https://api.example",
@@ -87,6 +92,23 @@ async def test_batch_writer_round_trips_every_value(database_url: str) -> None:
             ]
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(2026, 11, 25, 12, 0, 0, 352086, tzinfo=UTC),
+        datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC),  # no microseconds: SQLAlchemy still writes six zeros
+        datetime(2026, 11, 25, 14, 0, 0, 5, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2026, 11, 25, 12, 0, 0, 5),  # naive: UTC by convention
+    ],
+    ids=["utc", "utc-whole-second", "plus-2h", "naive"],
+)
+def test_sqlite_time_text_is_what_sqlalchemy_stores(when: datetime) -> None:
+    """Rows written here and rows written by the ORM must sort and compare alike as text in SQLite."""
+    dialect = sqlite.dialect()
+    bind = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)  # the ORM's own conversion
+    assert _sqlite_time(when) == bind(when)
 
 
 def test_batch_writer_params_give_null_for_columns_a_row_lacks() -> None:
