@@ -48,7 +48,7 @@ class DatabaseConfig:
     queue_max: int = 100_000
     batch_max: int = 2_000
     write_timeout: float = 5.0
-    flush_interval: float = 0.05
+    flush_interval: float = 0.25
     writer: str = "process"
     writer_backlog_mb: int = 128
 

@@ -147,7 +147,8 @@ def make_config(upstream_url: str, database_url: str, tmp_path: Path, **sections
         environ={},
     )
     # inline writer: one process per test keeps the suite fast; test_writer_process runs the default
-    config = config.replace("database", spool_dir=str(tmp_path / "spool"), writer="inline")
+    # and rows sooner than the default flush_interval: the suite waits for rows hundreds of times
+    config = config.replace("database", spool_dir=str(tmp_path / "spool"), writer="inline", flush_interval=0.05)
     for section, changes in sections.items():
         config = config.replace(section, **changes)
     return config
