@@ -1,9 +1,10 @@
-"""`python -m bench`: upstream, bare passthrough and chatledger side by side, loaded A B A B, one table.
+"""`python -m bench`: upstream, bare passthrough and chatledger side by side, loaded A B, B A, one table.
 
 Each mode (non-streaming `json`, then `stream`) starts its own upstream, the passthrough and one
 `chatledger serve` per --workers value (each with a fresh SQLite file, full logging), loads every target
-in turn for --rounds rounds (throughput at --connections, then latency at one connection), stops
-chatledger with SIGTERM and counts the rows it wrote. See bench/README.md.
+in turn for --rounds rounds (throughput at --connections for every target, then latency at one connection;
+in reverse order every other round), stops chatledger with SIGTERM and counts the rows it wrote. See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default 5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up load per target")
-    parser.add_argument("--rounds", type=int, default=2, help="A B A B rounds (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of A B (then B A) (default 2)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", default="1,2", help="chatledger --workers values to run (default 1,2)")
     parser.add_argument("--modes", default="json,stream", help="json, stream or both (default)")
@@ -260,11 +261,21 @@ class Bench:
                 if args.warmup > 0:
                     self.load(target, mode, args.connections, args.warmup)
             for round_number in range(args.rounds):
-                for target in targets:
-                    thr = self.load(target, mode, args.connections, args.duration)
-                    if target.get("service") is not None:  # see wait_caught_up: one connection, not a backlog
+                # the throughput runs back to back, then the latency runs, each in the order A B C, then
+                # C B A in the next round: the machine's speed drifts (by tens of percent within a minute
+                # on a shared VM), and runs close together, in alternating order, are compared under
+                # the same drift rather than ten seconds and a latency run apart
+                order = targets if round_number % 2 == 0 else targets[::-1]
+                throughput = {}
+                for target in order:
+                    throughput[target["name"]] = self.load(target, mode, args.connections, args.duration)
+                    if target.get("service") is not None:
+                        # see wait_caught_up: the next run, of any target, must not share the machine with
+                        # a writer still busy with what these 32 connections left queued
                         settled = wait_caught_up(target, idle_reads=2 * target["workers"])
                         target.setdefault("settle_s", []).append(settled)
+                for target in order:
+                    thr = throughput[target["name"]]
                     lat = self.load(target, mode, 1, args.duration)
                     target["runs"]["thr"].append(thr)
                     target["runs"]["lat"].append(lat)
