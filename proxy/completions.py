@@ -201,9 +201,6 @@ def apply_usage(record: CompletionRecord, usage: dict[str, Any]) -> None:
     record.usage = usage if small_enough else {"truncated": True}
 
 
-_META_FIELDS = ("object", "model", "provider", "system_fingerprint", "service_tier")
-
-
 def _apply_meta(record: CompletionRecord, obj: dict[str, Any]) -> None:
     """Identity fields, each from the first object that has a usable value."""
     get = obj.get
