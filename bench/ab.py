@@ -1,0 +1,118 @@
+"""`python -m bench.ab`: a paired A/B of throughput between two or more targets, for decisions.
+
+`python -m bench` gives the issue's table in five minutes; on a shared VM whose speed drifts by tens of
+percent within a minute, its 2-3 rounds cannot tell a 5% change. This runs many short wrk runs (32
+connections) in alternating order (A B, B A, ...), waits after every chatledger run until its writer has
+written what the run left queued (so the next run, of either target, does not share the CPU with that
+backlog), and reports each target's mean and the ratio of every target to the first: the median and mean
+of the per-round ratios (runs seconds apart, under the same drift) and their spread. Non-streaming only,
+against nginx (or the Python upstream without it).
+
+Targets: `passthrough`, `same-relay` (the passthrough relaying as chatledger does), `chatledger` (default
+config), `chatledger=FILE.toml` (with that config file, e.g. another `[database] flush_interval`).
+
+Run: `python -m bench.ab passthrough chatledger --rounds 14 --duration 3`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from .__main__ import CHAT_PATH, ledger_command, passthrough_command, python_upstream_command
+from .payloads import request_body
+from .procs import Service, free_port, process_cpu
+from .upstream import nginx_command, nginx_config
+from .wrk import run_wrk, write_script, wrk_binary
+
+
+def target_service(name: str, upstream_url: str, work: Path, index: int) -> Service:
+    port = free_port()
+    log = work / f"target-{index}.log"
+    if name == "passthrough":
+        return Service(name, passthrough_command(port, upstream_url), port, log)
+    if name == "same-relay":
+        return Service(name, passthrough_command(port, upstream_url, same_relay=True), port, log)
+    kind, _, config = name.partition("=")
+    if kind != "chatledger":
+        raise SystemExit(f"unknown target {name!r}: passthrough, same-relay, chatledger or chatledger=FILE.toml")
+    env = {"CHATLEDGER_CONFIG": str(Path(config).resolve())} if config else {}
+    command = ledger_command(port, upstream_url, work / f"ledger-{index}.db")
+    return Service(name, command, port, log, health="/_ledger/health", env=env)
+
+
+def wait_written(service: Service, timeout: float = 60.0) -> None:
+    """Until chatledger's health reads an empty queue twice in a row."""
+    seen = 0
+    deadline = time.monotonic() + timeout
+    while seen < 2 and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/_ledger/health", timeout=5) as response:
+            seen = seen + 1 if json.load(response)["queue_depth"] == 0 else 0
+        time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("targets", nargs="+", help="two or more: the first is the reference")
+    parser.add_argument("--rounds", type=int, default=14)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per run (default 3)")
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if len(args.targets) < 2:
+        raise SystemExit("name two targets or more")
+    if wrk_binary() is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    work = Path(tempfile.mkdtemp(prefix="chatledger-ab-"))
+    port = free_port()
+    upstream_command = nginx_command(nginx_config(port, work / "nginx")) or python_upstream_command(port)
+    upstream = Service("upstream", upstream_command, port, work / "upstream.log")
+    upstream.start()
+    script = write_script(work, "json", request_body(False, include_usage=True))
+    services = [target_service(name, f"http://127.0.0.1:{port}", work, n) for n, name in enumerate(args.targets)]
+    rates: list[list[float]] = [[] for _ in services]
+    cpu: list[list[float]] = [[] for _ in services]
+    try:
+        for service in services:
+            service.start(timeout=60)
+        for service in services:  # warm-up
+            run_wrk(f"http://127.0.0.1:{service.port}{CHAT_PATH}", script, args.connections, 2)
+            if service.health is not None:
+                wait_written(service)
+        for round_number in range(args.rounds):
+            order = list(range(len(services)))
+            if round_number % 2:
+                order.reverse()
+            for n in order:
+                service = services[n]
+                before = process_cpu(service.pid)
+                result = run_wrk(f"http://127.0.0.1:{service.port}{CHAT_PATH}", script, args.connections, args.duration)
+                rates[n].append(result["rps"])
+                cpu[n].append((process_cpu(service.pid) - before) / result["duration"])
+                if service.health is not None:
+                    wait_written(service)
+    finally:
+        for service in services:
+            service.stop()
+        upstream.stop()
+    print(f"{args.rounds} rounds of {args.duration:g} s, {args.connections} connections, work dir {work}")
+    for name, runs, shares in zip(args.targets, rates, cpu, strict=True):
+        print(
+            f"  {name:<28} mean {statistics.fmean(runs):>7,.0f} req/s, serving process CPU "
+            f"{100 * statistics.fmean(shares):.0f}%  runs: {' '.join(f'{r:.0f}' for r in runs)}"
+        )
+    for name, runs in zip(args.targets[1:], rates[1:], strict=True):
+        ratios = [b / a for a, b in zip(rates[0], runs, strict=True)]
+        print(
+            f"  {name} / {args.targets[0]}: median {statistics.median(ratios):.3f}, mean "
+            f"{statistics.fmean(ratios):.3f} (stdev {statistics.stdev(ratios):.3f}, n={len(ratios)}), "
+            f"ratio of means {statistics.fmean(runs) / statistics.fmean(rates[0]):.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
