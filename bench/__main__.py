@@ -266,16 +266,15 @@ class Bench:
                 # on a shared VM), and runs close together, in alternating order, are compared under
                 # the same drift rather than ten seconds and a latency run apart
                 order = targets if round_number % 2 == 0 else targets[::-1]
-                throughput = {}
+                throughput = []
                 for target in order:
-                    throughput[target["name"]] = self.load(target, mode, args.connections, args.duration)
+                    throughput.append(self.load(target, mode, args.connections, args.duration))
                     if target.get("service") is not None:
                         # see wait_caught_up: the next run, of any target, must not share the machine with
                         # a writer still busy with what these 32 connections left queued
                         settled = wait_caught_up(target, idle_reads=2 * target["workers"])
                         target.setdefault("settle_s", []).append(settled)
-                for target in order:
-                    thr = throughput[target["name"]]
+                for target, thr in zip(order, throughput, strict=True):
                     lat = self.load(target, mode, 1, args.duration)
                     target["runs"]["thr"].append(thr)
                     target["runs"]["lat"].append(lat)

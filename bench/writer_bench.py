@@ -1,11 +1,11 @@
 """Writer microbenchmark: rows/s that proxy.recorder.Recorder sustains into SQLite and PostgreSQL.
 
 Submits N realistic CompletionRecords (parsed from the benchmark's ChatCompletion, one choice each) as
-fast as possible, waits until the writer is idle, and checks every row arrived. With `--captured` it
-submits what the writer process receives instead: calls as the request path captures them (request body,
-response read), so parsing them is measured too. Target: ≥ 20,000 rows/s
-each, so the writer is never the bottleneck. PostgreSQL runs on a scratch database created (and
-dropped) on the server named by CHATLEDGER_TEST_POSTGRES_URL.
+fast as possible, waits until the writer is idle, and checks every row arrived. Target: ≥ 20,000 rows/s
+each, so the writer is never the bottleneck. With `--captured` it submits what the writer process
+receives instead: calls as the request path captures them (request body, response read), so parsing is
+measured too, reported in µs per call (the target is for writing rows). PostgreSQL runs on a scratch
+database created (and dropped) on the server named by CHATLEDGER_TEST_POSTGRES_URL.
 
 Run: `python -m bench.writer_bench [--rows 50000] [--repeat 3] [--only sqlite|postgresql] [--captured]
 [--profile]`.

@@ -28,6 +28,7 @@ from sqlalchemy import text
 
 from proxy.completions import (
     MAX_ERROR_CHARS,
+    MAX_TEXT_CHARS,
     MAX_TOKEN_COUNT,
     MAX_USAGE_JSON_BYTES,
     CompletionRecord,
@@ -382,6 +383,15 @@ def test_an_unusable_first_source_falls_through_to_the_next() -> None:
     )
     assert (record.prompt_tokens, record.completion_tokens, record.total_tokens) == (5, 7, 12)
     assert (record.cached_tokens, record.cache_write_tokens, record.reasoning_tokens) == (3, 2, 4)
+    other_shapes = usage_record(
+        {
+            "prompt_tokens_details": None,
+            "input_tokens_details": {"cached_tokens": 3},
+            "completion_tokens_details": [],
+            "output_tokens_details": {"reasoning_tokens": 4},
+        }
+    )
+    assert (other_shapes.cached_tokens, other_shapes.reasoning_tokens) == (3, 4)
 
 
 def test_cache_write_token_sources() -> None:
@@ -473,6 +483,14 @@ def test_text_fields_drop_nul_characters() -> None:
     _, record = parsed(dict(OPENAI_BASIC, model="gpt\u00004o", id="chatcmpl-\u0000x"))
     assert record.model == "gpt4o"
     assert record.completion_id == "chatcmpl-x"
+
+
+def test_text_fields_are_cut_at_max_text_chars() -> None:
+    whole, cut = "m" * MAX_TEXT_CHARS, "n" * (MAX_TEXT_CHARS + 1)
+    _, record = parsed(dict(OPENAI_BASIC, model=whole, id=cut, system_fingerprint="é" * (MAX_TEXT_CHARS + 5)))
+    assert record.model == whole
+    assert record.completion_id == cut[:MAX_TEXT_CHARS]
+    assert record.system_fingerprint == "é" * MAX_TEXT_CHARS
 
 
 # --- error_text ---------------------------------------------------------------------------------
