@@ -17,18 +17,19 @@ Run: `python -m bench.ab passthrough chatledger --rounds 14 --duration 3`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from .__main__ import CHAT_PATH, ledger_command, passthrough_command, python_upstream_command
+from .__main__ import CHAT_PATH, ledger_command, passthrough_command, python_upstream_command, wait_caught_up
 from .payloads import request_body
 from .procs import Service, free_port, process_cpu
 from .upstream import nginx_command, nginx_config
 from .wrk import run_wrk, write_script, wrk_binary
+
+
+def ledger_database(work: Path, index: int) -> Path:
+    return work / f"ledger-{index}.db"
 
 
 def target_service(name: str, upstream_url: str, work: Path, index: int) -> Service:
@@ -42,28 +43,15 @@ def target_service(name: str, upstream_url: str, work: Path, index: int) -> Serv
     if kind != "chatledger":
         raise SystemExit(f"unknown target {name!r}: passthrough, same-relay, chatledger or chatledger=FILE.toml")
     env = {"CHATLEDGER_CONFIG": str(Path(config).resolve())} if config else {}
-    command = ledger_command(port, upstream_url, work / f"ledger-{index}.db")
+    command = ledger_command(port, upstream_url, ledger_database(work, index))
     return Service(name, command, port, log, health="/_ledger/health", env=env)
 
 
-def wait_written(service: Service, timeout: float = 60.0) -> bool:
-    """Until chatledger's health reads nothing queued and nothing in the spool, twice in a row (rows the
-    writer spooled under load are replayed later, and that replay must not fall on the next run)."""
-    seen = 0
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/_ledger/health", timeout=5) as response:
-                health = json.load(response)
-        except OSError:
-            health = {}
-        idle = health.get("queue_depth") == 0 and health.get("spool", {}).get("files") == 0
-        seen = seen + 1 if idle else 0
-        if seen >= 2:
-            return True
-        time.sleep(0.2)
-    print(f"  warning: {service.name} still had records to write after {timeout:.0f} s", flush=True)
-    return False
+def wait_written(service: Service, work: Path, index: int) -> None:
+    """python -m bench's wait: nothing queued, nothing in the spool, so the next run has the CPU to itself."""
+    target = {"url": f"http://127.0.0.1:{service.port}", "database": ledger_database(work, index)}
+    if wait_caught_up(target, timeout=60, idle_reads=2) is None:
+        print(f"  warning: {service.name} still had records to write after 60 s", flush=True)
 
 
 def main() -> None:
@@ -92,10 +80,10 @@ def main() -> None:
         upstream.start()
         for service in services:
             service.start(timeout=60)
-        for service in services:  # warm-up
+        for n, service in enumerate(services):  # warm-up
             run_wrk(f"http://127.0.0.1:{service.port}{CHAT_PATH}", script, args.connections, 2)
             if service.health is not None:
-                wait_written(service)
+                wait_written(service, work, n)
         for round_number in range(args.rounds):
             order = list(range(len(services)))
             if round_number % 2:
@@ -108,7 +96,7 @@ def main() -> None:
                 errors[n] += result["errors"]
                 cpu[n].append((process_cpu(service.pid) - before) / result["duration"])
                 if service.health is not None:
-                    wait_written(service)
+                    wait_written(service, work, n)
     finally:
         for service in services:
             service.stop()

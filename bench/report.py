@@ -148,12 +148,14 @@ def verdicts(mode: str, rows: list[dict[str, Any]]) -> list[str]:
             )
         if row["cpu_us_per_req"] and reference["cpu_us_per_req"]:
             parts.append(f"CPU/req {row['cpu_us_per_req'] / reference['cpu_us_per_req']:.2f}x passthrough")
-        same_reads = by_name.get(SAME_RELAY_PASSTHROUGH)
-        if same_reads is not None and row["rps"] and same_reads["rps"]:
+        same_relay = by_name.get(SAME_RELAY_PASSTHROUGH)
+        if same_relay is not None and row["rps"] and same_relay["rps"]:
+            cpu = ""
+            if row["cpu_us_per_req"] and same_relay["cpu_us_per_req"]:
+                cpu = f" and CPU/req {row['cpu_us_per_req'] / same_relay['cpu_us_per_req']:.2f}x"
             parts.append(
-                f"throughput {row['rps'] / same_reads['rps']:.2f}x and CPU/req "
-                f"{(row['cpu_us_per_req'] or 0) / (same_reads['cpu_us_per_req'] or 1):.2f}x the passthrough "
-                "relaying as chatledger does (the cost of logging alone)"
+                f"throughput {row['rps'] / same_relay['rps']:.2f}x{cpu} the passthrough relaying as "
+                "chatledger does (the cost of logging alone)"
             )
         out.append(f"[{mode}] {row['name']}: " + "; ".join(parts))
     return out
