@@ -137,8 +137,8 @@ class Completion(Base):
     __table_args__ = (
         Index("ix_completions_model_started_at", "model", "started_at"),
         Index("ix_completions_requested_model", "requested_model"),
-        Index(  # migration 0002: stats --by model reads this index only (see proxy/stats.py)
-            "ix_completions_model_stats", "model", "requested_model", "duration_ms", "started_at", "outcome",
+        Index(  # migration 0003: stats --by model reads this index only; new rows append to their model's range
+            "ix_completions_model_stats", "model", "requested_model", "started_at", "duration_ms", "outcome",
             "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost",
         ),
     )

@@ -3,9 +3,12 @@
 Filters come from proxy/queries.py, so `stats` and `logs` select the same rows.
 
 Percentiles: PostgreSQL has percentile_cont. SQLite has none, so the same interpolated value is
-computed from the two rows around the wanted rank: for `--by model` by walking the covering index
-(model, requested_model, duration_ms, ...) of migration 0002 with LIMIT/OFFSET (SQLite merges the
-per-pair index ranges without sorting), for other groupings with row_number() over the filtered rows.
+computed from the two rows around the wanted rank: for `--by model` with LIMIT/OFFSET over the
+durations of each (model, requested_model) pair, read from the covering index of migration 0003 (a
+bounded sort: SQLite keeps only the rows up to the wanted rank), for other groupings with row_number()
+over the filtered rows (slower: it ranks every row). The index is in append order, not duration order,
+because the writer pays for every index page an insert dirties; 1,000,000 rows: ~1.2 s, against ~0.4 s
+when 0002's duration order let this walk the index without sorting.
 """
 
 from __future__ import annotations
@@ -228,7 +231,7 @@ async def _model_percentiles(
     pairs: dict[Any, list[tuple[str | None, str | None, int]]],
 ) -> None:
     """For each group and percentile, the two durations around the wanted rank, read with LIMIT 2 OFFSET k
-    from the merged index ranges of the group's (model, requested_model) pairs, from the nearer end."""
+    from the group's (model, requested_model) pairs, from the nearer end (the sort keeps fewer rows)."""
     pieces: list[Any] = []
     wanted: list[tuple[Any, int, float]] = []
     for key, members in pairs.items():
