@@ -9,7 +9,9 @@ of the per-round ratios (runs seconds apart, under the same drift) and their spr
 against nginx (or the Python upstream without it).
 
 Targets: `passthrough`, `same-relay` (the passthrough relaying as chatledger does), `chatledger` (default
-config), `chatledger=FILE.toml` (with that config file, e.g. another `[database] flush_interval`).
+config), `chatledger=FILE.toml` (with that config file, e.g. another `[database] flush_interval`), `chatledger@DIR`
+(the code of another checkout, e.g. `git worktree add /tmp/base HEAD~1`, to measure a change; it may take
+`=FILE.toml` too).
 
 Run: `python -m bench.ab passthrough chatledger --rounds 14 --duration 3`.
 """
@@ -23,9 +25,11 @@ from pathlib import Path
 
 from .__main__ import CHAT_PATH, ledger_command, passthrough_command, python_upstream_command, wait_caught_up
 from .payloads import request_body
-from .procs import Service, free_port, process_cpu
+from .procs import Service, cpu_seconds, free_port, process_cpu
 from .upstream import nginx_command, nginx_config
 from .wrk import run_wrk, write_script, wrk_binary
+
+TARGETS = "passthrough, same-relay, chatledger, chatledger=FILE.toml, chatledger@DIR or chatledger@DIR=FILE.toml"
 
 
 def ledger_database(work: Path, index: int) -> Path:
@@ -40,11 +44,18 @@ def target_service(name: str, upstream_url: str, work: Path, index: int) -> Serv
     if name == "same-relay":
         return Service(name, passthrough_command(port, upstream_url, same_relay=True), port, log)
     kind, _, config = name.partition("=")
+    kind, _, tree = kind.partition("@")
     if kind != "chatledger":
-        raise SystemExit(f"unknown target {name!r}: passthrough, same-relay, chatledger or chatledger=FILE.toml")
+        raise SystemExit(f"unknown target {name!r}: {TARGETS}")
     env = {"CHATLEDGER_CONFIG": str(Path(config).resolve())} if config else {}
+    cwd = None
+    if tree:  # python -m puts the working directory first on sys.path, the writer child inherits both
+        cwd = Path(tree).resolve()
+        if not (cwd / "proxy" / "__init__.py").is_file():
+            raise SystemExit(f"target {name!r}: {cwd} is not a chatledger checkout (no proxy/__init__.py)")
+        env["PYTHONPATH"] = str(cwd)
     command = ledger_command(port, upstream_url, ledger_database(work, index))
-    return Service(name, command, port, log, health="/_ledger/health", env=env)
+    return Service(name, command, port, log, health="/_ledger/health", env=env, cwd=cwd)
 
 
 def wait_written(service: Service, work: Path, index: int) -> None:
@@ -52,6 +63,11 @@ def wait_written(service: Service, work: Path, index: int) -> None:
     target = {"url": f"http://127.0.0.1:{service.port}", "database": ledger_database(work, index)}
     if wait_caught_up(target, timeout=60, idle_reads=2) is None:
         print(f"  warning: {service.name} still had records to write after 60 s", flush=True)
+
+
+def helper_cpu(pid: int) -> float:
+    """CPU seconds of the processes under `pid` (chatledger's writer), not of `pid` itself."""
+    return cpu_seconds(pid) - process_cpu(pid)
 
 
 def main() -> None:
@@ -76,6 +92,7 @@ def main() -> None:
     rates: list[list[float]] = [[] for _ in services]
     cpu: list[list[float]] = [[] for _ in services]
     errors = [0 for _ in services]
+    writer_us: list[list[float]] = [[] for _ in services]  # the writer child's CPU per call, backlog included
     try:
         upstream.start()
         for service in services:
@@ -90,22 +107,26 @@ def main() -> None:
                 order.reverse()
             for n in order:
                 service = services[n]
-                before = process_cpu(service.pid)
+                before, before_helpers = process_cpu(service.pid), helper_cpu(service.pid)
                 result = run_wrk(f"http://127.0.0.1:{service.port}{CHAT_PATH}", script, args.connections, args.duration)
                 rates[n].append(result["rps"])
                 errors[n] += result["errors"]
                 cpu[n].append((process_cpu(service.pid) - before) / result["duration"])
                 if service.health is not None:
                     wait_written(service, work, n)
+                    calls = result["rps"] * result["duration"]
+                    writer_us[n].append((helper_cpu(service.pid) - before_helpers) / calls * 1e6)
     finally:
         for service in services:
             service.stop()
         upstream.stop()
     print(f"{args.rounds} rounds of {args.duration} s, {args.connections} connections, work dir {work}")
-    for name, runs, shares, failed in zip(args.targets, rates, cpu, errors, strict=True):
+    for name, runs, shares, failed, writer in zip(args.targets, rates, cpu, errors, writer_us, strict=True):
         print(
             f"  {name:<28} mean {statistics.fmean(runs):>7,.0f} req/s, serving process CPU "
-            f"{100 * statistics.fmean(shares):.0f}%  runs: {' '.join(f'{r:.0f}' for r in runs)}"
+            f"{100 * statistics.fmean(shares):.0f}%"
+            + (f", writer {statistics.median(writer):.0f} us/call" if writer else "")
+            + f"  runs: {' '.join(f'{r:.0f}' for r in runs)}"
             + (f"  ERRORS {failed} (counted in req/s by wrk: compare nothing)" if failed else "")
         )
     for name, runs in zip(args.targets[1:], rates[1:], strict=True):

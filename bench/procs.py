@@ -87,6 +87,7 @@ class Service:
     log: Path
     health: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -99,7 +100,7 @@ class Service:
         env.update(self.env)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

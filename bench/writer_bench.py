@@ -1,14 +1,18 @@
 """Writer microbenchmark: rows/s that proxy.recorder.Recorder sustains into SQLite and PostgreSQL.
 
-Submits N realistic CompletionRecords (parsed from the benchmark's ChatCompletion, one choice each) as
-fast as possible, waits until the writer is idle, and checks every row arrived. Target: ≥ 20,000 rows/s
-each, so the writer is never the bottleneck. With `--captured` it submits what the writer process
+Submits N realistic CompletionRecords (parsed from the benchmark's ChatCompletion, one choice each,
+each with its own completion id and duration, as real traffic has) as fast as possible, waits until the
+writer is idle, and checks every row arrived. Target: ≥ 20,000 rows/s each, so the writer is never the
+bottleneck. With `--captured` it submits what the writer process
 receives instead: calls as the request path captures them (request body, response read), so parsing is
 measured too, reported in µs per call (the target is for writing rows). PostgreSQL runs on a scratch
 database created (and dropped) on the server named by CHATLEDGER_TEST_POSTGRES_URL.
 
+`--prefill 1000000` first copies a row a million times, so the rate is the one into a ledger that has
+grown (indexes no longer in cache), not into an empty one.
+
 Run: `python -m bench.writer_bench [--rows 50000] [--repeat 3] [--only sqlite|postgresql] [--captured]
-[--profile]`.
+[--prefill N] [--profile]`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import dataclasses
 import io
 import os
 import pstats
+import random
 import statistics
+import string
 import tempfile
 import time
 import uuid
@@ -30,7 +36,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+import orjson
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.capture import CapturedCall, Exchange
 from proxy.completions import CompletionRecord, parse_completion_body
@@ -44,6 +52,7 @@ from .payloads import COMPLETION_BODY, request_body
 
 PG_ENV = "CHATLEDGER_TEST_POSTGRES_URL"
 TARGET = 20_000
+ID_ALPHABET = string.ascii_letters + string.digits
 
 
 def template() -> CompletionRecord:
@@ -68,32 +77,92 @@ def template() -> CompletionRecord:
     return record
 
 
+def completion_id() -> str:
+    """A fresh upstream id, as real traffic has (chatcmpl- and 29 random characters). One id for every row
+    would append to the completion_id index instead of landing anywhere in it, and flatter the writer."""
+    return "chatcmpl-" + "".join(random.choices(ID_ALPHABET, k=29))
+
+
+def duration_ms() -> float:
+    """Durations spread as real calls' are, for the same reason: the stats index holds duration_ms."""
+    return round(random.uniform(200.0, 9000.0), 3)
+
+
 def records(count: int) -> list[CompletionRecord]:
     base = template()
     now = datetime.now(UTC)
     return [
-        dataclasses.replace(base, request_id=new_request_id(), started_at=now, choices=list(base.choices))
+        dataclasses.replace(
+            base, request_id=new_request_id(), started_at=now, completion_id=completion_id(),
+            duration_ms=duration_ms(), choices=list(base.choices),
+        )
         for _ in range(count)
-    ]
+    ]  # fmt: skip
 
 
 def captured_calls(count: int) -> list[CapturedCall]:
     """Non-streamed calls as forward.py captures them: the writer parses the request and response bodies."""
     body = request_body(stream=False, include_usage=True)
     now, wall = time.perf_counter(), time.time()
-    return [
-        tuple(
-            Exchange(
-                request_id=new_request_id(), started_wall=wall, started=now, method="POST",
-                path="/v1/chat/completions", upstream="https://api.openai.com", api_key_hash="e9a731f2476fdd03",
-                key_length=51, tag_headers=["team=search,env=prod"], user_header=None, request_body=body,
-                status=200, upstream_request_id="req_bench_0123456789abcdef", encoding=None,
-                event_stream=False, headers_at=now + 0.4, chunks=[COMPLETION_BODY], times=None,
-                finished=now + 0.41, overflow=False, failure=None,
-            )
+    template_id = orjson.loads(COMPLETION_BODY)["id"].encode()
+    calls = []
+    for _ in range(count):
+        response = COMPLETION_BODY.replace(template_id, completion_id().encode(), 1)
+        took = duration_ms() / 1000
+        exchange = Exchange(
+            request_id=new_request_id(), started_wall=wall, started=now, method="POST",
+            path="/v1/chat/completions", upstream="https://api.openai.com", api_key_hash="e9a731f2476fdd03",
+            key_length=51, tag_headers=["team=search,env=prod"], user_header=None, request_body=body,
+            status=200, upstream_request_id="req_bench_0123456789abcdef", encoding=None,
+            event_stream=False, headers_at=now + took - 0.01, chunks=[response], times=None,
+            finished=now + took, overflow=False, failure=None,
+        )  # fmt: skip
+        calls.append(tuple(exchange))
+    return calls
+
+
+def prefill_sql(dialect: str, quote: Any) -> tuple[str, str]:
+    """Copy the first row `:rows` times with fresh ids and durations (the writer's own row, so every column
+    is as the writer fills it), then give each copy its choice. The copies' request ids sort before any
+    UUIDv7 of today, as an older ledger's would. Both INSERT ... SELECT, so a million rows take a minute."""
+    columns = [column.name for column in completions_table.columns if column.name != "id"]
+    if dialect == "sqlite":
+        series = (
+            "(WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < :rows) SELECT n FROM seq)"
         )
-        for _ in range(count)
-    ]  # fmt: skip
+        fresh = {
+            "request_id": "printf('00000000-0000-7000-8000-%012x', s.n)",
+            "completion_id": "'chatcmpl-' || lower(hex(randomblob(14)))",
+            "duration_ms": "200 + abs(random() % 8800000) / 1000.0",
+        }
+    else:
+        series = "(SELECT generate_series(1, :rows) AS n)"
+        fresh = {
+            "request_id": "'00000000-0000-7000-8000-' || lpad(to_hex(s.n), 12, '0')",
+            "completion_id": "'chatcmpl-' || md5(random()::text)",
+            "duration_ms": "200 + random() * 8800",
+        }
+    names = ", ".join(quote(name) for name in columns)
+    values = ", ".join(fresh.get(name, f"t.{quote(name)}") for name in columns)
+    copies = (
+        f"INSERT INTO completions ({names}) SELECT {values} FROM {series} AS s, "
+        "(SELECT * FROM completions ORDER BY id LIMIT 1) AS t"
+    )
+    choices = (
+        'INSERT INTO completion_choices (completion_pk, "index", finish_reason, native_finish_reason, role) '
+        "SELECT id, 0, 'stop', 'stop', 'assistant' FROM completions WHERE id > :after"
+    )
+    return copies, choices
+
+
+async def prefill(engine: AsyncEngine, rows: int) -> None:
+    started = time.perf_counter()
+    async with engine.begin() as conn:
+        copies, choices = prefill_sql(conn.dialect.name, conn.dialect.identifier_preparer.quote)
+        after = (await conn.execute(select(func.max(completions_table.c.id)))).scalar_one()
+        await conn.execute(text(copies), {"rows": rows})
+        await conn.execute(text(choices), {"after": after})
+    print(f"  {engine.dialect.name}: prefilled {rows:,} rows in {time.perf_counter() - started:.0f}s", flush=True)
 
 
 @asynccontextmanager
@@ -118,7 +187,7 @@ async def scratch_postgres(admin_url: str) -> AsyncIterator[str]:
 
 
 async def bench_url(
-    url: str, rows: int, repeat: int, batch_max: int, profile: bool, captured: bool = False
+    url: str, rows: int, repeat: int, batch_max: int, profile: bool, captured: bool = False, prefill_rows: int = 0
 ) -> dict[str, Any]:
     make = captured_calls if captured else records
     engine = create_engine(url)
@@ -142,6 +211,9 @@ async def bench_url(
                     recorder.submit(record)
                 await recorder.wait_idle(120)
                 expected = recorder.rows_written
+                if prefill_rows:
+                    await prefill(engine, prefill_rows)
+                    expected += prefill_rows
                 rates = []
                 profiler = cProfile.Profile() if profile else None
                 for _ in range(repeat):
@@ -219,6 +291,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     args.batch_max,
                     args.profile,
                     args.captured,
+                    args.prefill,
                 )
             )
     if args.only in (None, "postgresql"):
@@ -227,7 +300,11 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"postgresql: skipped, set {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
         else:
             async with scratch_postgres(admin) as url:
-                report(await bench_url(url, args.rows, args.repeat, args.batch_max, args.profile, args.captured))
+                report(
+                    await bench_url(
+                        url, args.rows, args.repeat, args.batch_max, args.profile, args.captured, args.prefill
+                    )
+                )
     return 0
 
 
@@ -245,6 +322,13 @@ def main() -> int:
         help="submit captured calls (what the writer process receives), so parsing them is measured too",
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the writer and print the top 30")
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="rows in the ledger before measuring (e.g. 1000000: the sustained rate into a ledger that has "
+        "grown; an empty one keeps every index in cache)",
+    )
     args = parser.parse_args()
     try:
         import uvloop  # type: ignore[import-not-found]

@@ -33,6 +33,7 @@ from typing import Any
 from .capture import CapturedCall, Exchange, materialize
 from .completions import CompletionRecord
 from .config import Config, default_spool_dir
+from .gc_tuning import tune_garbage_collector
 from .metrics import BatchSummary, LedgerMetrics, summarize
 from .ring import MIN_CALL_BYTES, RingReader, RingWriter, make_ring_writer
 from .spool import Spool
@@ -486,6 +487,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
 
     recorder = Recorder.from_config(engine, config.database, on_batch)
     recorder.start()
+    tune_garbage_collector()
 
     def stats() -> None:
         nonlocal summary
