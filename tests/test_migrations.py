@@ -14,7 +14,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.db import Base, create_engine
+from proxy.db import WAL_AUTOCHECKPOINT_PAGES, Base, create_engine
 from proxy.migrate import alembic_config, current_revision, head_revision, upgrade
 
 TABLES = {"completions", "completion_choices", "prices", "api_keys"}
@@ -101,5 +101,7 @@ async def test_sqlite_uses_wal(tmp_path: Path) -> None:
         async with engine.connect() as conn:
             assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one() == "wal"
             assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar_one() == 1
+            checkpoint = (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar_one()
+            assert checkpoint == WAL_AUTOCHECKPOINT_PAGES != 1000  # not SQLite's default
     finally:
         await engine.dispose()
