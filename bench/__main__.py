@@ -3,8 +3,9 @@
 Each mode (non-streaming `json`, then `stream`) starts its own upstream, the passthrough and one
 `chatledger serve` per --workers value (each with a fresh SQLite file, full logging), loads every target
 in turn for --rounds rounds (throughput at --connections for every target, then latency at one connection;
-in reverse order every other round), stops chatledger with SIGTERM and counts the rows it wrote. See
-bench/README.md.
+in reverse order every other round), stops chatledger with SIGTERM and counts the rows it wrote. Then the
+writer microbenchmark (bench/writer_bench.py: SQLite, and PostgreSQL when CHATLEDGER_TEST_POSTGRES_URL is
+set; --no-writer-bench skips it). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "chatledger against it is the cost of logging alone",
     )
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="run the memory soak instead")
+    parser.add_argument(
+        "--no-writer-bench", action="store_true", help="skip the writer microbenchmark that ends the run"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
     return parser.parse_args(argv)
@@ -458,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             for result in results["modes"]:
                 for line in verdicts(result["mode"], result["summary"]):
                     print(line)
+            if not args.no_writer_bench:
+                from . import writer_bench
+
+                print("\nwriter microbenchmark (python -m bench.writer_bench: 3 x 50,000 rows per database)")
+                results["writer"] = writer_bench.run(writer_bench.parse_args([]))
         print(f"\ntotal {time.monotonic() - started:.0f}s")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2, default=str))

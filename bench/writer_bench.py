@@ -292,35 +292,26 @@ def report(result: dict[str, Any]) -> None:
         print(result["profile"])
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="writer-bench-db-") as directory:
-        if args.only in (None, "sqlite"):
-            report(
-                await bench_url(
-                    f"sqlite+aiosqlite:///{directory}/ledger.db",
-                    args.rows,
-                    args.repeat,
-                    args.batch_max,
-                    args.profile,
-                    args.captured,
-                    args.prefill,
-                )
-            )
+async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each database's result, printed as it comes (PostgreSQL only with CHATLEDGER_TEST_POSTGRES_URL)."""
+    results = []
+    settings = (args.rows, args.repeat, args.batch_max, args.profile, args.captured, args.prefill)
+    if args.only in (None, "sqlite"):
+        with tempfile.TemporaryDirectory(prefix="writer-bench-db-") as directory:
+            results.append(await bench_url(f"sqlite+aiosqlite:///{directory}/ledger.db", *settings))
+            report(results[-1])
     if args.only in (None, "postgresql"):
         admin = os.environ.get(PG_ENV)
         if not admin:
             print(f"postgresql: skipped, set {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
         else:
             async with scratch_postgres(admin) as url:
-                report(
-                    await bench_url(
-                        url, args.rows, args.repeat, args.batch_max, args.profile, args.captured, args.prefill
-                    )
-                )
-    return 0
+                results.append(await bench_url(url, *settings))
+                report(results[-1])
+    return results
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rows", type=int, default=50_000, help="rows per measurement (default 50,000)")
     parser.add_argument("--repeat", type=int, default=3)
@@ -341,12 +332,21 @@ def main() -> int:
         help="rows in the ledger before measuring (e.g. 1000000: the sustained rate into a ledger that has "
         "grown; an empty one keeps every index in cache)",
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """measure() on uvloop when installed, as the writer process runs."""
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
-        return asyncio.run(main_async(args))
-    return uvloop.run(main_async(args))
+        return asyncio.run(measure(args))
+    return uvloop.run(measure(args))
+
+
+def main() -> int:
+    run(parse_args())
+    return 0
 
 
 if __name__ == "__main__":
