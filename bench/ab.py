@@ -115,7 +115,8 @@ def main() -> None:
                 if service.health is not None:
                     wait_written(service, work, n)
                     calls = result["rps"] * result["duration"]
-                    writer_us[n].append((helper_cpu(service.pid) - before_helpers) / calls * 1e6)
+                    if calls:  # a run with no answers has no cost per call (its errors are reported)
+                        writer_us[n].append((helper_cpu(service.pid) - before_helpers) / calls * 1e6)
     finally:
         for service in services:
             service.stop()

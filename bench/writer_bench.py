@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -47,7 +46,7 @@ from proxy.migrate import upgrade
 from proxy.recorder import Recorder
 from proxy.request_facts import new_request_id
 
-from .payloads import COMPLETION_BODY, request_body
+from .payloads import COMPLETION, COMPLETION_BODY, request_body
 
 PG_ENV = "CHATLEDGER_TEST_POSTGRES_URL"
 TARGET = 20_000
@@ -105,7 +104,7 @@ def captured_calls(count: int) -> list[CapturedCall]:
     """Non-streamed calls as forward.py captures them: the writer parses the request and response bodies."""
     body = request_body(stream=False, include_usage=True)
     now, wall = time.perf_counter(), time.time()
-    template_id = orjson.loads(COMPLETION_BODY)["id"].encode()
+    template_id = COMPLETION["id"].encode()
     calls = []
     for _ in range(count):
         response = COMPLETION_BODY.replace(template_id, completion_id().encode(), 1)
