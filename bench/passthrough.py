@@ -5,8 +5,8 @@ response back read by read (iter_any). No parsing, no logging. Uses uvloop when 
 chatledger does. Run: `python -m bench.passthrough --port 9002 --upstream http://127.0.0.1:9001`.
 
 `--same-relay` relays bodies as chatledger does: every buffered HTTP chunk read in one step
-(proxy.upstream_read) instead of iter_any, and a body already received whole sent with its headers in one
-write (proxy.forward.relay_response). Against that reference, chatledger's overhead is its logging alone.
+(proxy.relay.aiohttp_compat) instead of iter_any, and a body already received whole sent with its headers in one
+write (proxy.relay.handler.relay_response). Against that reference, chatledger's overhead is its logging alone.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
 async def _same_relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     """forward's relay as chatledger does it (--same-relay). Imported here, not at the top: the reference
     passthrough loads nothing of chatledger (its RSS had grown 3 MiB from that import)."""
-    from proxy.forward import relay_response
-    from proxy.upstream_read import read_available
+    from proxy.relay.aiohttp_compat import read_available
+    from proxy.relay.handler import relay_response
 
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in DROPPED_RESPONSE)
     response = relay_response(upstream, headers)

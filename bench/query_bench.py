@@ -111,7 +111,7 @@ SELECT id, 0, CASE (id * 7919) % {len(FINISH)} {_values(FINISH)} END, NULL, 'ass
 
 def fill(path: Path, rows: int) -> float:
     """Create the schema with the real migrations, then load `rows` completions (one choice each)."""
-    from proxy.migrate import upgrade_url
+    from proxy.store.migrate import upgrade_url
 
     started = time.perf_counter()
     asyncio.run(upgrade_url(f"sqlite+aiosqlite:///{path}"))
@@ -154,9 +154,10 @@ def time_command(args: list[str], database: Path, repeat: int) -> tuple[float, f
 
 async def time_queries(database: Path, repeat: int) -> dict[str, float]:
     """The queries alone (engine already open), best of `repeat`."""
-    from proxy.db import create_engine
-    from proxy.queries import Filters, fetch_completions
-    from proxy.stats import fetch_stats
+    from proxy.store.engine import create_engine
+    from proxy.store.filters import Filters
+    from proxy.store.queries import fetch_completions
+    from proxy.store.stats import fetch_stats
 
     engine = create_engine(f"sqlite+aiosqlite:///{database}")
     results: dict[str, float] = {}

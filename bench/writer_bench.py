@@ -1,4 +1,4 @@
-"""Writer microbenchmark: rows/s that proxy.recorder.Recorder sustains into SQLite and PostgreSQL.
+"""Writer microbenchmark: rows/s that proxy.writer.recorder.BatchRecorder sustains into SQLite and PostgreSQL.
 
 Submits N realistic CompletionRecords (parsed from the benchmark's ChatCompletion, one choice each,
 each with its own completion id and duration, as real traffic has) as fast as possible, waits until the
@@ -38,13 +38,15 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.capture import CapturedCall, Exchange
-from proxy.completions import CompletionRecord, parse_completion_body
 from proxy.config import normalize_database_url
-from proxy.db import choices_table, completions_table, create_engine
-from proxy.migrate import upgrade
-from proxy.recorder import Recorder
-from proxy.request_facts import new_request_id
+from proxy.parse.capture import Capture
+from proxy.parse.chat_json import parse_completion_body
+from proxy.parse.record import CompletionRecord
+from proxy.relay.request_ids import new_request_id
+from proxy.store.engine import create_engine
+from proxy.store.migrate import upgrade
+from proxy.store.models import choices_table, completions_table
+from proxy.writer.recorder import BatchRecorder as Recorder
 
 from .payloads import COMPLETION, COMPLETION_BODY, request_body
 
@@ -100,8 +102,8 @@ def records(count: int) -> list[CompletionRecord]:
     ]  # fmt: skip
 
 
-def captured_calls(count: int) -> list[CapturedCall]:
-    """Non-streamed calls as forward.py captures them: the writer parses the request and response bodies."""
+def captured_calls(count: int) -> list[Capture]:
+    """Non-streamed calls as the relay captures them: the writer parses the request and response bodies."""
     body = request_body(stream=False, include_usage=True)
     now, wall = time.perf_counter(), time.time()
     template_id = COMPLETION["id"].encode()
@@ -109,15 +111,15 @@ def captured_calls(count: int) -> list[CapturedCall]:
     for _ in range(count):
         response = COMPLETION_BODY.replace(template_id, completion_id().encode(), 1)
         took = duration_ms() / 1000
-        exchange = Exchange(
+        capture = Capture(
             request_id=new_request_id(), started_wall=wall, started=now, method="POST",
-            path="/v1/chat/completions", upstream="https://api.openai.com", api_key_hash="e9a731f2476fdd03",
+            path="/v1/chat/completions", upstream="https://api.openai.com", api="chat", api_key_hash="e9a731f2476fdd03",
             key_length=51, tag_headers=["team=search,env=prod"], user_header=None, request_body=body,
             status=200, upstream_request_id="req_bench_0123456789abcdef", encoding=None,
             event_stream=False, headers_at=now + took - 0.01, chunks=[response], times=None,
             finished=now + took, overflow=False, failure=None,
         )  # fmt: skip
-        calls.append(tuple(exchange))
+        calls.append(capture)
     return calls
 
 
@@ -216,7 +218,7 @@ async def bench_url(
                 hold_max=3600.0,
                 on_batch=lambda batch: batches.append(len(batch)),
             )
-            recorder.start()
+            await recorder.start()
             try:
                 for record in make(min(2000, rows)):  # warm-up: connections, statement cache
                     recorder.submit(record)

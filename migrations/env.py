@@ -11,7 +11,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from proxy.config import DEFAULT_DATABASE_URL, normalize_database_url
-from proxy.db import Base, create_engine
+from proxy.store.engine import create_engine
+from proxy.store.models import Base
 
 target_metadata = Base.metadata
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import multiprocessing
 import os
@@ -16,35 +15,15 @@ from types import FrameType
 
 from aiohttp import web
 
-from .app import create_app
 from .config import Config, redact_url
-from .gc_tuning import tune_garbage_collector
-from .migrate import upgrade_url
+from .runtime import install_uvloop, tune_garbage_collector
+from .store.migrate import upgrade_url
+from .web.app import create_app
+from .web.auth import is_loopback
 
 log = logging.getLogger("chatledger")
 
 EXIT_GRACE = 5.0
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def install_uvloop() -> bool:
-    """Use uvloop when it is installed (the `fast` extra); it cuts per-request overhead."""
-    if os.environ.get("CHATLEDGER_NO_UVLOOP"):
-        return False
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 def run_worker(config: Config, reuse_port: bool = False) -> None:

@@ -22,11 +22,12 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.app import create_app
 from proxy.config import Config, load, normalize_database_url
-from proxy.db import choices_table, completions_table, create_engine
-from proxy.keys import RECORDER
-from proxy.recorder import Recorder
+from proxy.store.engine import create_engine
+from proxy.store.models import choices_table, completions_table
+from proxy.web.app import create_app
+from proxy.web.appkeys import RECORDER
+from proxy.writer.recorder import BatchRecorder as Recorder
 
 from .payloads import OPENAI_BASIC
 from .upstream import FakeUpstream, json_reply

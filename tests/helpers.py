@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.db import choices_table, completions_table, create_engine
+from proxy.store.engine import create_engine
+from proxy.store.models import choices_table, completions_table
 
 
 async def stored(engine: AsyncEngine) -> dict[str, dict[str, Any]]:

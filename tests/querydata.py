@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.db import ApiKey, choices_table, completions_table
-from proxy.request_facts import key_fingerprint
+from proxy.credentials import key_fingerprint
+from proxy.store.models import ApiKey, choices_table, completions_table
 
 KEYS = ("sk-alpha-0001", "sk-beta-0002", "sk-gamma-0003")
 KEY_LABELS = {key_fingerprint(KEYS[0]): "team-search", key_fingerprint(KEYS[1]): "team-ads"}

@@ -15,8 +15,8 @@ import openai
 import pytest
 from multidict import MultiDict
 
-from proxy.queries import Filters
-from proxy.stats import fetch_stats
+from proxy.store.filters import Filters
+from proxy.store.stats import fetch_stats
 
 from .conftest import Ledger, make_config, start_ledger
 from .payloads import OPENAI_BASIC

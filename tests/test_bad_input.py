@@ -26,7 +26,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.completions import CompletionRecord, parse_completion_body
+from proxy.parse.chat_json import parse_completion_body
+from proxy.parse.record import CompletionRecord
 
 from .conftest import Ledger, make_config, start_ledger
 from .helpers import raw_request

@@ -22,8 +22,9 @@ from sqlalchemy import select
 
 from proxy import __version__
 from proxy.config import redact_url
-from proxy.db import choices_table, completions_table, create_engine
-from proxy.migrate import head_revision
+from proxy.store.engine import create_engine
+from proxy.store.migrate import head_revision
+from proxy.store.models import choices_table, completions_table
 
 from .payloads import OPENAI_BASIC
 from .upstream import FakeUpstream

@@ -19,13 +19,15 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy import cli
+from proxy.cli import commands as cli
 from proxy.cli import main
-from proxy.db import ApiKey, create_engine
-from proxy.migrate import upgrade
-from proxy.queries import COLUMNS, Filters
-from proxy.request_facts import key_fingerprint
-from proxy.stats import fetch_stats
+from proxy.credentials import key_fingerprint
+from proxy.store.engine import create_engine
+from proxy.store.filters import Filters
+from proxy.store.migrate import upgrade
+from proxy.store.models import ApiKey
+from proxy.store.queries import COLUMNS
+from proxy.store.stats import fetch_stats
 
 from .querydata import base_time, expected_ids, filter_cases, insert_rows, make_rows, run_cli
 

@@ -26,27 +26,13 @@ from openrouter.errors import OpenRouterError
 from openrouter.utils import RetryConfig
 from sqlalchemy import text
 
-from proxy.completions import (
-    MAX_ERROR_CHARS,
-    MAX_TEXT_CHARS,
-    MAX_TOKEN_COUNT,
-    MAX_USAGE_JSON_BYTES,
-    CompletionRecord,
-    apply_usage,
-    error_text,
-    parse_completion_body,
-)
-from proxy.db import choices_table, completions_table
-from proxy.request_facts import (
-    MAX_TAG_CHARS,
-    MAX_TAGS,
-    MAX_USER_CHARS,
-    bearer_key,
-    header_user,
-    inspect_request,
-    key_fingerprint,
-    parse_tags,
-)
+from proxy.credentials import bearer_key, key_fingerprint
+from proxy.parse.chat_json import parse_completion_body
+from proxy.parse.fields import MAX_ERROR_CHARS, MAX_TEXT_CHARS, MAX_TOKEN_COUNT, error_text
+from proxy.parse.record import CompletionRecord
+from proxy.parse.request import MAX_TAG_CHARS, MAX_TAGS, MAX_USER_CHARS, header_user, inspect_request, parse_tags
+from proxy.parse.usage import MAX_USAGE_JSON_BYTES, apply_usage
+from proxy.store.models import choices_table, completions_table
 
 from .conftest import Ledger
 from .payloads import (

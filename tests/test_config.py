@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.cli import build_parser, config_from_args, main
+from proxy.cli import main
+from proxy.cli.main import build_parser, config_from_args
 from proxy.config import (
     ENVIRONMENT,
     Config,

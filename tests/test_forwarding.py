@@ -30,8 +30,8 @@ from sqlalchemy import text
 from yarl import URL
 
 from proxy import __version__
-from proxy.app import create_app
-from proxy.request_facts import new_request_id
+from proxy.relay.request_ids import new_request_id
+from proxy.web.app import create_app
 
 from .conftest import Ledger, make_config, start_ledger
 from .helpers import raw_upstream

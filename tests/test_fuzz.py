@@ -25,8 +25,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.completions import CompletionRecord, StreamFolder, parse_completion_body
-from proxy.forward import (
+from proxy.parse.chat_json import parse_completion_body
+from proxy.parse.chat_stream import StreamFolder
+from proxy.parse.record import CompletionRecord
+from proxy.parse.request import inspect_request
+from proxy.parse.sse import SSEDecoder
+from proxy.parse.stream_tap import StreamTap
+from proxy.relay.policy import (
     HOP_BY_HOP,
     STEERING_HEADERS,
     filter_request_headers,
@@ -34,11 +39,8 @@ from proxy.forward import (
     forwardable_request_headers,
     forwardable_response_headers,
 )
-from proxy.recorder import record_to_row
-from proxy.request_facts import inspect_request
-from proxy.spool import encode_row
-from proxy.sse import SSEDecoder
-from proxy.taps import StreamTap
+from proxy.store.rows import record_to_row
+from proxy.writer.spool import encode_row
 
 from .test_completion_parsing import TOKEN_COLUMNS as PARSED_TOKEN_COLUMNS
 

@@ -13,10 +13,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import metrics as metrics_module
-from proxy.completions import CompletionRecord
 from proxy.config import ModelPrice
-from proxy.metrics import LedgerMetrics
+from proxy.parse.record import CompletionRecord
+from proxy.web import metrics as metrics_module
+from proxy.web.metrics import LedgerMetrics
 
 from .conftest import make_config, start_ledger
 from .payloads import OPENAI_BASIC, OPENAI_ERROR_429, OPENROUTER_WITH_COST, openai_stream

@@ -14,8 +14,9 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.db import WAL_AUTOCHECKPOINT_PAGES, Base, create_engine
-from proxy.migrate import alembic_config, current_revision, head_revision, upgrade
+from proxy.store.engine import WAL_AUTOCHECKPOINT_PAGES, create_engine
+from proxy.store.migrate import alembic_config, current_revision, head_revision, upgrade
+from proxy.store.models import Base
 
 TABLES = {"completions", "completion_choices", "prices", "api_keys"}
 

@@ -16,20 +16,16 @@ import orjson
 import pytest
 from sqlalchemy import insert, select
 
-from proxy.completions import CompletionRecord
 from proxy.config import ModelPrice
-from proxy.db import Price, completions_table, create_engine
-from proxy.keys import PRICER
-from proxy.migrate import upgrade
-from proxy.pricing import (
-    PriceBook,
-    PriceEntry,
-    Pricer,
-    compute_cost,
-    load_entries,
-    parse_openrouter_models,
-    store_prices,
-)
+from proxy.parse.record import CompletionRecord
+from proxy.store.engine import create_engine
+from proxy.store.migrate import upgrade
+from proxy.store.models import Price, completions_table
+from proxy.store.pricing.book import PriceBook, PriceEntry, compute_cost
+from proxy.store.pricing.openrouter import parse_openrouter_models
+from proxy.store.pricing.pricer import Pricer
+from proxy.store.pricing.table import load_entries, store_prices
+from proxy.web.appkeys import PRICER
 
 from .conftest import make_config, start_ledger
 from .payloads import OPENAI_BASIC, OPENAI_TOOL_CALLS, OPENROUTER_WITH_COST

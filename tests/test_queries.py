@@ -13,22 +13,15 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy import queries
-from proxy import stats as stats_module
-from proxy.db import create_engine
-from proxy.migrate import upgrade
-from proxy.queries import (
-    FilterError,
-    Filters,
-    fetch_completion,
-    fetch_completions,
-    iter_completions,
-    parse_filters,
-    parse_time,
-    short_id,
-)
-from proxy.request_facts import key_fingerprint, new_request_id
-from proxy.stats import fetch_stats
+from proxy.credentials import key_fingerprint
+from proxy.relay.request_ids import new_request_id
+from proxy.store import filters, queries
+from proxy.store import stats as stats_module
+from proxy.store.engine import create_engine
+from proxy.store.filters import FilterError, Filters, parse_filters, parse_time
+from proxy.store.migrate import upgrade
+from proxy.store.queries import fetch_completion, fetch_completions, iter_completions, short_id
+from proxy.store.stats import fetch_stats
 
 from .querydata import (
     KEY_LABELS,
@@ -153,17 +146,17 @@ def test_glob_to_postgres_regex_agrees_with_fnmatch(pattern: str) -> None:
         "y",
         "b",
     ]
-    regex = re.compile(queries._glob_regex(pattern))  # PostgreSQL ARE and Python agree on this subset
+    regex = re.compile(filters._glob_regex(pattern))  # PostgreSQL ARE and Python agree on this subset
     for name in names:
         assert bool(regex.search(name)) == fnmatchcase(name, pattern), (pattern, name)
 
 
 def test_key_hash() -> None:
     fingerprint = key_fingerprint("sk-whatever")
-    assert queries.key_hash("sk-whatever") == fingerprint
-    assert queries.key_hash(fingerprint) == fingerprint
-    assert queries.key_hash("0123456789abcdef") == "0123456789abcdef"
-    assert queries.key_hash("not-a-hash") == key_fingerprint("not-a-hash")
+    assert filters.key_hash("sk-whatever") == fingerprint
+    assert filters.key_hash(fingerprint) == fingerprint
+    assert filters.key_hash("0123456789abcdef") == "0123456789abcdef"
+    assert filters.key_hash("not-a-hash") == key_fingerprint("not-a-hash")
 
 
 # ---- against the database -----------------------------------------------------------------------

@@ -22,11 +22,15 @@ import orjson
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.completions import ChoiceRecord, CompletionRecord
-from proxy.db import completions_table, create_engine
-from proxy.migrate import upgrade_url
-from proxy.recorder import Recorder, describe, is_data_error, record_to_row, safe_text
-from proxy.spool import Spool
+from proxy.parse.fields import clean_text as safe_text
+from proxy.parse.record import ChoiceRecord, CompletionRecord
+from proxy.store.engine import create_engine
+from proxy.store.migrate import upgrade_url
+from proxy.store.models import completions_table
+from proxy.store.rows import record_to_row
+from proxy.writer.errors import describe, is_data_error
+from proxy.writer.recorder import BatchRecorder as Recorder
+from proxy.writer.spool import Spool
 
 from .helpers import eventually, stored
 from .test_reliability import HeldLock
@@ -125,7 +129,7 @@ def test_error_classification() -> None:
 
 async def test_batches_are_written_with_their_choices(engine: AsyncEngine, tmp_path: Path) -> None:
     recorder = Recorder(engine, tmp_path / "spool", batch_max=7)
-    recorder.start()
+    await recorder.start()
     records = [make_record(n) for n in range(20)]
     for record in records:
         recorder.submit(record)
@@ -138,7 +142,7 @@ async def test_batches_are_written_with_their_choices(engine: AsyncEngine, tmp_p
     assert rows[records[5].request_id]["cost"] == Decimal("0.000123")
     assert recorder.rows_written == 20
     assert recorder.rows_spooled == 0
-    assert recorder.database_ok
+    assert recorder.stats().database_ok
     assert spooled_ids(tmp_path / "spool") == []
 
 
@@ -157,7 +161,7 @@ async def test_on_batch_hook_sees_every_record_once_on_every_path(
     records = [make_record(n) for n in range(5)]
     for record in records:
         recorder.submit(record)
-    recorder.start()
+    await recorder.start()
     await recorder.wait_idle()
     await recorder.close()
     assert sorted(seen) == sorted(r.request_id for r in records)
@@ -175,9 +179,9 @@ async def test_on_batch_hook_sees_every_record_once_on_every_path(
 async def test_poison_row_is_set_aside_and_the_rest_committed(
     engine: AsyncEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "proxy.recorder")
+    caplog.set_level(logging.INFO, "proxy.writer")
     recorder = Recorder(engine, tmp_path / "spool")
-    recorder.start()
+    await recorder.start()
     good = [make_record(n) for n in range(10)]
     poison = make_record(99, method=None)  # NOT NULL column: refused by every database
     overflow = make_record(98, started_at=None)  # NOT NULL too
@@ -187,7 +191,7 @@ async def test_poison_row_is_set_aside_and_the_rest_committed(
     await recorder.wait_idle()
     await eventually(lambda: recorder.rows_rejected == 2 and recorder.rows_replayed == 10)
     # the database was never marked down, and keeps taking batches directly
-    assert recorder.database_ok
+    assert recorder.stats().database_ok
     later = make_record(50)
     recorder.submit(later)
     await recorder.wait_idle()
@@ -209,7 +213,7 @@ async def test_poison_row_is_set_aside_and_the_rest_committed(
 
 async def test_postgresql_refuses_what_sqlite_stores(engine: AsyncEngine, tmp_path: Path) -> None:
     recorder = Recorder(engine, tmp_path / "spool")
-    recorder.start()
+    await recorder.start()
     long_outcome = make_record(1, outcome="x" * 40)  # outcome is VARCHAR(32)
     fine = make_record(2)
     recorder.submit(long_outcome)
@@ -223,7 +227,7 @@ async def test_postgresql_refuses_what_sqlite_stores(engine: AsyncEngine, tmp_pa
     if engine.dialect.name == "postgresql":
         assert set(rows) == {fine.request_id}
         assert recorder.rows_rejected == 1
-        assert recorder.database_ok
+        assert recorder.stats().database_ok
     else:
         assert set(rows) == {fine.request_id, long_outcome.request_id}
         assert recorder.rows_rejected == 0
@@ -246,7 +250,7 @@ async def test_sqlite_locked_spools_then_replays(sqlite_engine: AsyncEngine, tmp
     engine = sqlite_engine
     db_file = tmp_path / "ledger.db"
     recorder = Recorder(engine, tmp_path / "spool", write_timeout=0.5, hold_max=0.2)
-    recorder.start()
+    await recorder.start()
     before = [make_record(n) for n in range(3)]
     for record in before:
         recorder.submit(record)
@@ -256,10 +260,10 @@ async def test_sqlite_locked_spools_then_replays(sqlite_engine: AsyncEngine, tmp
         for record in during:
             recorder.submit(record)
             await asyncio.sleep(0.01)
-        await eventually(lambda: not recorder.database_ok)
+        await eventually(lambda: not recorder.stats().database_ok)
         await recorder.wait_idle()
         assert {r.request_id for r in during} <= set(spooled_ids(tmp_path / "spool"))
-    await eventually(lambda: recorder.database_ok and recorder.spool.backlog()[0] == 0, within=20)
+    await eventually(lambda: recorder.stats().database_ok and recorder.spool.backlog()[0] == 0, within=20)
     await recorder.close()
     rows = await stored(engine)
     assert set(rows) == {r.request_id for r in before + during}
@@ -283,7 +287,7 @@ async def test_sqlite_read_only_file_spools_then_replays(sqlite_engine: AsyncEng
     engine = sqlite_engine
     db_file = tmp_path / "ledger.db"
     recorder = Recorder(engine, tmp_path / "spool", write_timeout=2)
-    recorder.start()
+    await recorder.start()
     recorder.submit(make_record(0))
     await recorder.wait_idle()
     files = [db_file, db_file.with_name(db_file.name + "-wal"), db_file.with_name(db_file.name + "-shm")]
@@ -294,13 +298,13 @@ async def test_sqlite_read_only_file_spools_then_replays(sqlite_engine: AsyncEng
         for record in during:
             recorder.submit(record)
         await recorder.wait_idle()
-        assert not recorder.database_ok
+        assert not recorder.stats().database_ok
         assert "readonly" in (recorder.last_error or "") or "unable to open" in (recorder.last_error or "")
         assert sorted(spooled_ids(tmp_path / "spool")) == sorted(r.request_id for r in during)
     finally:
         _immutable(files, False)
     await engine.dispose()
-    await eventually(lambda: recorder.database_ok and recorder.spool.backlog()[0] == 0, within=20)
+    await eventually(lambda: recorder.stats().database_ok and recorder.spool.backlog()[0] == 0, within=20)
     await recorder.close()
     assert len(await stored(engine)) == 25
 
@@ -316,19 +320,19 @@ async def test_database_down_and_spool_unwritable_keeps_records_in_memory(
     blocker = tmp_path / "spool"
     blocker.write_text("a file where the spool directory should be")
     recorder = Recorder(dead, blocker, queue_max=5)
-    recorder.start()
+    await recorder.start()
     records = [make_record(n) for n in range(8)]
     for record in records:
         recorder.submit(record)
     await eventually(lambda: recorder.rows_lost == 3)
     assert recorder.degraded
-    assert not recorder.spool_ok
+    assert not recorder.stats().spool_ok
     assert recorder.queue_depth == 5
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("could not write 3 record(s)" in m and "3 lost so far" in m for m in errors), errors
     # the disk comes back: the 5 kept in memory reach the spool, nothing more is lost
     blocker.unlink()
-    await eventually(lambda: recorder.spool_ok and recorder.queue_depth == 0, within=15)
+    await eventually(lambda: recorder.stats().spool_ok and recorder.queue_depth == 0, within=15)
     await recorder.close()
     await dead.dispose()
     assert sorted(spooled_ids(blocker)) == sorted(r.request_id for r in records[:5])
@@ -338,7 +342,7 @@ async def test_database_down_and_spool_unwritable_keeps_records_in_memory(
     engine = create_engine(database_url)
     try:
         second = Recorder(engine, blocker)
-        second.start()
+        await second.start()
         await eventually(lambda: second.rows_replayed == 5)
         await second.close()
         assert set(await stored(engine)) == {r.request_id for r in records[:5]}
@@ -354,7 +358,7 @@ async def test_guard_spools_when_the_database_stalls(sqlite_engine: AsyncEngine,
     db_file = tmp_path / "ledger.db"
     # write_timeout far beyond hold_max: without the guard the records would wait 30 s in memory
     recorder = Recorder(engine, tmp_path / "spool", write_timeout=30, hold_max=0.3)
-    recorder.start()
+    await recorder.start()
     async with HeldLock(db_file):
         first = make_record(1)
         recorder.submit(first)  # in flight, stuck behind the lock
@@ -387,7 +391,7 @@ async def test_replay_is_idempotent_and_starts_with_leftovers(engine: AsyncEngin
     records = [make_record(n) for n in range(30)]
     # an earlier run: 10 already committed, and all 30 spooled (as if it crashed mid-replay)
     first = Recorder(engine, spool_dir)
-    first.start()
+    await first.start()
     for record in records[:10]:
         first.submit(record)
     await first.wait_idle()
@@ -399,7 +403,7 @@ async def test_replay_is_idempotent_and_starts_with_leftovers(engine: AsyncEngin
     leftover.close()
     _append_bytes(path[0], b'{"request_id": "half a line')  # crash mid-write
     second = Recorder(engine, spool_dir, batch_max=7)
-    second.start()
+    await second.start()
     await eventually(lambda: second.spool.backlog()[0] == 0)
     await second.close()
     rows = await stored(engine)
@@ -417,7 +421,7 @@ async def test_a_row_spooled_twice_is_written_once_with_its_choices(
     spool.append([record_to_row(r) for r in records[:2]])  # the guard's copy, then the writer's
     spool.close()
     recorder = Recorder(engine, tmp_path / "spool")
-    recorder.start()
+    await recorder.start()
     await eventually(lambda: recorder.spool.backlog()[0] == 0)
     await recorder.close()
     rows = await stored(engine)
@@ -431,7 +435,7 @@ async def test_segment_held_by_a_live_writer_is_not_replayed(engine: AsyncEngine
     record = make_record(1)
     other.append([record_to_row(record)])
     recorder = Recorder(engine, spool_dir)
-    recorder.start()
+    await recorder.start()
     await asyncio.sleep(0.3)
     assert await stored(engine) == {}
     other.close()  # that worker rotates (or dies): the segment becomes replayable
@@ -449,10 +453,10 @@ async def test_db_status_shows_revision_counts_and_spool(
     engine: AsyncEngine, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from proxy.cli import main
-    from proxy.migrate import head_revision
+    from proxy.store.migrate import head_revision
 
     recorder = Recorder(engine, tmp_path / "spool")
-    recorder.start()
+    await recorder.start()
     for n in range(4):
         recorder.submit(make_record(n))
     await recorder.wait_idle()

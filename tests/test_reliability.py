@@ -27,9 +27,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.keys import ENGINE
-from proxy.migrate import upgrade_url
-from proxy.recorder import HOLD_MAX
+from proxy.store.migrate import upgrade_url
+from proxy.web.appkeys import ENGINE
+from proxy.writer.recorder import HOLD_MAX
 
 from .conftest import make_config, start_ledger
 from .helpers import eventually, rows_by_request_id
@@ -169,7 +169,7 @@ class Load:
 def recorder_state(ledger: Any) -> dict[str, Any]:
     recorder = ledger.recorder
     return {
-        "database_ok": recorder.database_ok,
+        "database_ok": recorder.stats().database_ok,
         "last_error": recorder.last_error,
         "backlog": recorder.spool.backlog(),
         "queue_depth": recorder.queue_depth,
@@ -232,7 +232,7 @@ async def test_postgresql_outage_under_load_loses_nothing(
             assert during[-1] < 1.0, during[-20:]
             health = await (await session.get(ledger.url + "/_ledger/health")).json()
         await eventually(
-            lambda: ledger.recorder.spool.backlog()[0] == 0 and ledger.recorder.database_ok,
+            lambda: ledger.recorder.spool.backlog()[0] == 0 and ledger.recorder.stats().database_ok,
             state=lambda: recorder_state(ledger),
         )
         assert ledger.recorder.rows_spooled > 0
@@ -257,11 +257,11 @@ async def test_sqlite_locked_under_load_loses_nothing(upstream: FakeUpstream, tm
             await asyncio.sleep(0.5)
             async with HeldLock(tmp_path / "ledger.db"):
                 await asyncio.sleep(1.5)
-                assert not ledger.recorder.database_ok
+                assert not ledger.recorder.stats().database_ok
             await runner
             assert load.failures == []
         await eventually(
-            lambda: ledger.recorder.spool.backlog()[0] == 0 and ledger.recorder.database_ok,
+            lambda: ledger.recorder.spool.backlog()[0] == 0 and ledger.recorder.stats().database_ok,
             state=lambda: recorder_state(ledger),
         )
         rows = await rows_by_request_id(url)

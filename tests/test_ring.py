@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from proxy.ring import DATA_START, RingReader, RingWriter
+from proxy.writer.ring import DATA_START, RingReader, RingWriter
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the ring needs os.memfd_create (Linux)")
 

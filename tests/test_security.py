@@ -18,8 +18,8 @@ from aiohttp import web
 from sqlalchemy import select
 
 from proxy.config import Config
-from proxy.db import completions_table
-from proxy.request_facts import key_fingerprint
+from proxy.credentials import key_fingerprint
+from proxy.store.models import completions_table
 
 from .conftest import Ledger, make_config, start_ledger
 from .helpers import raw_request
@@ -221,7 +221,7 @@ async def test_admin_failures_do_not_reveal_whether_a_token_is_configured(
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("proxy.api.hmac.compare_digest", spy)
+    monkeypatch.setattr("proxy.web.auth.hmac.compare_digest", spy)
     base = make_config(upstream.url, f"sqlite+aiosqlite:///{tmp_path / 'l.db'}", tmp_path)
     exposed = base.replace("server", host="0.0.0.0")  # not loopback: the API is not open by default
     with_token = exposed.replace("admin", token="the-right-admin-token")

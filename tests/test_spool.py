@@ -13,8 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy import spool as spool_module
-from proxy.spool import Spool, count_lines, encode_row, row_from_spool
+from proxy.store.rows import row_from_json as row_from_spool
+from proxy.writer import spool as spool_module
+from proxy.writer.spool import Spool, count_lines, encode_row
 
 
 def rows(*ids: str) -> list[dict[str, object]]:

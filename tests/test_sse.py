@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder as OpenAISSEDecoder
 
-from proxy.sse import SSEDecoder, SSEEvent
+from proxy.parse.sse import SSEDecoder, SSEEvent
 
 from .stream_payloads import CASES, StreamCase
 

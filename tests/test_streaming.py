@@ -25,10 +25,12 @@ import pytest
 from aiohttp import web
 from openrouter import OpenRouter
 
-from proxy import completions, forward
-from proxy.completions import CompletionRecord, StreamFolder
-from proxy.recorder import record_to_row
-from proxy.taps import MAX_HELD_BYTES, TAIL_BYTES, StreamTap
+from proxy.parse import stream_bytes
+from proxy.parse.chat_stream import StreamFolder
+from proxy.parse.record import CompletionRecord
+from proxy.parse.stream_tap import MAX_HELD_BYTES, TAIL_BYTES, StreamTap
+from proxy.relay import copies as relay_copies
+from proxy.store.rows import record_to_row
 
 from .conftest import Ledger, make_config, start_ledger
 from .stream_payloads import (
@@ -291,7 +293,7 @@ def test_feed_all_skips_the_middle_of_a_stream_with_openai_obfuscation_strings(
     blocks = [role, *deltas, *OPENAI_INCLUDE_USAGE.blocks[-3:]]
     pieces = [b"".join(blocks[i : i + 10]) for i in range(0, len(blocks), 10)]
     marker_searches = []
-    monkeypatch.setattr(completions, "chunk_may_matter", lambda data: marker_searches.append(data) or True)
+    monkeypatch.setattr(stream_bytes, "chunk_may_matter", lambda data: marker_searches.append(data) or True)
     record, tap = _fold(pieces, [float(n) for n in range(len(pieces))], whole=True)
     assert marker_searches == []
     assert record.completion_tokens == OPENAI_INCLUDE_USAGE.row["completion_tokens"]
@@ -737,9 +739,9 @@ async def test_a_stream_over_the_copy_limit_is_still_logged_from_its_head_and_ta
     """Past MAX_PARSED_BODY, a stream's copy keeps only its first and its last reads (the middle of a
     huge stream is content deltas): the row still gets the stream's ids, finish reason and usage, here
     from the usage chunk the proxy asked for and cut out of what the official client gets."""
-    monkeypatch.setattr(forward, "MAX_PARSED_BODY", 32 * 1024)
-    monkeypatch.setattr(forward, "STREAM_HEAD_BYTES", 4 * 1024)
-    monkeypatch.setattr(forward, "STREAM_TAIL_BYTES", 8 * 1024)
+    monkeypatch.setattr(relay_copies, "MAX_PARSED_BODY", 32 * 1024)
+    monkeypatch.setattr(relay_copies, "STREAM_HEAD_BYTES", 4 * 1024)
+    monkeypatch.setattr(relay_copies, "STREAM_TAIL_BYTES", 8 * 1024)
     case = OPENAI_INCLUDE_USAGE
     body = b"".join(_lengthened(case, 1500))
     assert len(body) > 200 * 1024

@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from proxy.upstream_read import can_drain, read_available
+from proxy.relay.aiohttp_compat import can_drain, read_available
 
 from .helpers import raw_upstream
 

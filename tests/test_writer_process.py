@@ -22,12 +22,16 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from proxy import ring
-from proxy.capture import redact_fingerprinted
-from proxy.completions import CompletionRecord
-from proxy.metrics import LedgerMetrics
-from proxy.request_facts import key_fingerprint
-from proxy.writer_process import PIPE_BYTES, READS, RecorderLink, usable_cpus, writer_nice
+from proxy.credentials import key_fingerprint, redact_fingerprinted
+from proxy.parse.capture import Capture
+from proxy.parse.record import CompletionRecord
+from proxy.runtime import usable_cpus
+from proxy.web.metrics import LedgerMetrics
+from proxy.writer import ring
+from proxy.writer.child import writer_nice
+from proxy.writer.framing import PIPE_BYTES, Items
+from proxy.writer.link import RecorderLink
+from proxy.writer.ring import RingSlice
 
 from .conftest import Ledger, make_config, start_ledger
 from .helpers import eventually
@@ -195,7 +199,7 @@ async def test_long_calls_made_while_the_writer_process_is_down_reach_its_succes
         await asyncio.wait_for(link._ready, 30)  # type: ignore[union-attr]
     del link._send_outbox  # type: ignore[union-attr]
     rows = await process_ledger.rows(count=3)
-    assert [type(item[READS]) for item in held] == [tuple, tuple, tuple]  # they were in the ring
+    assert [type(item.chunks) for item in held] == [RingSlice, RingSlice, RingSlice]  # they were in the ring
     assert len(rows) == 3
     assert {row["completion_tokens"] for row in rows} == {OPENAI_INCLUDE_USAGE.row["completion_tokens"]}
     assert {row["outcome"] for row in rows} == {"ok"}
@@ -220,7 +224,7 @@ async def test_a_writer_process_that_cannot_be_started_leaves_no_ring_behind(
     monkeypatch.setattr(ring, "RingWriter", recording_ring)
     monkeypatch.setattr(asyncio, "create_subprocess_exec", no_fork)
     config = make_config(upstream.url, f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}", tmp_path)
-    link = RecorderLink(config, LedgerMetrics())
+    link = RecorderLink(config, LedgerMetrics().apply)
     with pytest.raises(OSError, match="fork failed"):
         await link.start()
     assert len(made) == 1
@@ -315,9 +319,9 @@ def items_sent(link: Any) -> list[object]:
     sent: list[object] = []
     send = link._send
 
-    def spy(message: tuple[Any, ...]) -> bool:
-        if message[0] == "items":
-            sent.extend(message[1])
+    def spy(message: Any) -> bool:
+        if type(message) is Items:
+            sent.extend(message.items)
         return bool(send(message))
 
     link._send = spy
@@ -413,9 +417,9 @@ async def test_long_responses_reach_the_writer_through_shared_memory_or_the_pipe
         rows = await ledger.rows(count=41)
     finally:
         await ledger.stop()
-    reads = [item[READS] for item in sent]
-    assert type(reads[0]) is tuple  # (position, lengths): the first went through the ring
-    assert any(type(r) is tuple for r in reads[1:])
+    reads = [item.chunks for item in sent]
+    assert type(reads[0]) is RingSlice  # (position, lengths): the first went through the ring
+    assert any(type(r) is RingSlice for r in reads[1:])
     assert any(type(r) is list for r in reads[1:])
     assert len(rows) == 41
     for row in rows:
@@ -468,7 +472,7 @@ async def test_a_writer_whose_database_lags_makes_the_serving_process_parse(
         await ledger.stop()
     assert behind
     parsed_here = [item for item in sent if isinstance(item, CompletionRecord)]
-    assert type(sent[0]) is tuple
+    assert type(sent[0]) is Capture
     assert 0 < len(parsed_here) < 40
     assert len(rows) == 40
     assert {row["completion_id"] for row in rows} == {OPENAI_BASIC["id"]}

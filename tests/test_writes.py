@@ -13,11 +13,14 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import selectinload
 
-from proxy.completions import ChoiceRecord, CompletionRecord
-from proxy.db import Completion, CompletionChoice, UTCDateTime, create_engine
-from proxy.migrate import upgrade
-from proxy.recorder import record_to_row
-from proxy.writes import COLUMNS, BatchWriter, _sqlite_time
+from proxy.parse.record import ChoiceRecord, CompletionRecord
+from proxy.store.engine import create_engine
+from proxy.store.insert import COLUMNS, BatchWriter
+from proxy.store.migrate import upgrade
+from proxy.store.models import Completion, CompletionChoice
+from proxy.store.rows import record_to_row
+from proxy.store.types import UTCDateTime
+from proxy.store.types import sqlite_time as _sqlite_time
 
 
 def make_records(count: int) -> list[CompletionRecord]:

@@ -1,0 +1,139 @@
+"""The hand-off from the request path to the writer (`Capture`), and the one entry point that parses it
+(`materialize`).
+
+The request path only copies: ids, times, a few header values, the request body and the response reads.
+Parsing the request, decoding the body or the SSE stream, classifying the outcome: all of that runs in
+`materialize`, in the writer (a separate process by default), so a logged call costs the event loop
+little more than an unlogged one. Pure code: no I/O.
+
+A Capture is a NamedTuple because it crosses a pipe: a tuple pickles several times faster than a
+dataclass. It never holds the client's key, only its fingerprint and length (see
+`credentials.redact_fingerprinted`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from ..credentials import redact_fingerprinted
+from .decoders import MAX_PARSED_BODY, BodyTap, is_identity
+from .outcome import classify
+from .record import CompletionRecord
+from .request import RequestFacts, header_user, inspect_request, parse_tags
+from .stream_tap import StreamTap
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "chatledger could not parse this response (internal error, see its log)"
+OVERFLOW = f"response over {MAX_PARSED_BODY // (1024 * 1024)} MiB not parsed"
+
+
+class Capture(NamedTuple):
+    """A logged call as read off the wire. Times are time.perf_counter() values."""
+
+    request_id: str
+    started_wall: float  # time.time() when the request arrived
+    started: float
+    method: str
+    path: str  # the request target, credentials in its query redacted
+    upstream: str
+    api: str | None  # the wire format its body is parsed as ("chat"); None: a path logged with all_paths
+    api_key_hash: str | None
+    key_length: int
+    tag_headers: list[str] | None
+    user_header: str | None
+    request_body: bytes  # empty for a call whose request nothing parses
+    status: int | None  # the upstream's; the proxy's own when it refused the call; None without an answer
+    upstream_request_id: str | None
+    encoding: str | None
+    event_stream: bool  # Content-Type text/event-stream
+    headers_at: float | None  # None: the upstream never answered (see failure)
+    chunks: Any  # list[bytes], the response reads; in transit to the writer process maybe a ring.RingSlice
+    times: list[float] | None  # arrival time of each read of a 2xx event stream; None: parse as one body
+    finished: float
+    overflow: bool  # the reads passed MAX_PARSED_BODY and were not all kept
+    failure: tuple[str, str] | None  # (outcome, reason) when either side failed, or the proxy refused
+    gap_at: int = -1  # an overflowed event stream: chunks[gap_at:] are its last reads, after a gap
+
+
+def materialize(capture: Capture) -> CompletionRecord:
+    """The record of a captured call; a parser bug costs the parsed fields, never the row."""
+    try:
+        return _materialize(capture)
+    except Exception:
+        log.exception("parsing the response of request %s failed", capture.request_id)
+    record = new_record(capture, None)
+    record.status_code = capture.status
+    record.duration_ms = round((capture.finished - capture.started) * 1000, 3)
+    record.outcome, record.error = "unparsed", INTERNAL_ERROR
+    return record
+
+
+def _materialize(capture: Capture) -> CompletionRecord:
+    chat = capture.api == "chat"
+    facts = inspect_request(capture.request_body, inject_usage=False) if chat else None
+    record = new_record(capture, facts)
+    record.status_code = capture.status
+    record.duration_ms = round((capture.finished - capture.started) * 1000, 3)
+    if capture.headers_at is None:  # refused by the proxy, or no answer from the upstream
+        record.outcome, record.error = capture.failure or ("upstream_error", "no response")
+    else:
+        _parse_response(capture, record, chat, facts.choices if facts is not None else 1)
+    if record.error and capture.api_key_hash:
+        record.error = redact_fingerprinted(record.error, capture.api_key_hash, capture.key_length)
+    return record
+
+
+def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expected_choices: int) -> None:
+    record.upstream_request_id = capture.upstream_request_id
+    record.stream = record.stream or capture.event_stream
+    if capture.overflow and not _tail_kept(capture):  # the request path stopped keeping a copy
+        record.outcome, record.error = capture.failure or ("unparsed", OVERFLOW)
+        return
+    stream_tap: StreamTap | None = None
+    body_tap: BodyTap | None = None
+    if capture.times is not None:
+        stream_tap = StreamTap(record, capture.encoding, strip_usage_chunk=False, expected_choices=expected_choices)
+        if capture.gap_at < 0:
+            stream_tap.feed_all(capture.chunks, capture.times)
+        else:  # a stream over MAX_PARSED_BODY: its head, then its last reads
+            gap = capture.gap_at
+            stream_tap.feed_all(capture.chunks[:gap], capture.times[:gap])
+            stream_tap.resume_after_gap(b"".join(capture.chunks[gap:]), capture.times[-1])
+        if capture.failure is None:
+            stream_tap.close(capture.finished)
+        elif capture.failure[0] != "client_disconnected":  # the upstream broke off: fold what came
+            stream_tap.close(capture.finished, complete=False)
+    else:
+        assert capture.headers_at is not None
+        record.ttft_ms = round((capture.headers_at - capture.started) * 1000, 3)
+        body_tap = BodyTap(capture.encoding)
+        for chunk in capture.chunks:
+            body_tap.feed(chunk)
+    classify(record, capture.failure, stream_tap, body_tap, chat=chat, started=capture.started)
+
+
+def _tail_kept(capture: Capture) -> bool:
+    """An uncompressed event stream over MAX_PARSED_BODY keeps its head and last reads: still foldable."""
+    return capture.gap_at >= 0 and capture.times is not None and is_identity(capture.encoding)
+
+
+def new_record(capture: Capture, facts: RequestFacts | None) -> CompletionRecord:
+    """A record with what the request told: ids, key fingerprint, tags, user, requested model."""
+    record = CompletionRecord(
+        request_id=capture.request_id,
+        started_at=datetime.fromtimestamp(capture.started_wall, UTC),
+        method=capture.method,
+        path=capture.path,
+        upstream=capture.upstream,
+        api_key_hash=capture.api_key_hash,
+    )
+    if capture.tag_headers:
+        record.tags = parse_tags(capture.tag_headers)
+    if facts is not None:
+        record.requested_model = facts.model
+        record.stream = facts.stream
+    record.user = (facts.user if facts is not None else None) or header_user(capture.user_header)
+    return record

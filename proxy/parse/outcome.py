@@ -1,0 +1,68 @@
+"""A finished call's outcome (`ok`, `upstream_error`, `unparsed`, `timeout`, ...) and its error text."""
+
+from __future__ import annotations
+
+from .chat_json import parse_completion_body
+from .decoders import BodyTap
+from .record import CompletionRecord
+from .stream_tap import StreamTap
+
+ERROR_SNIPPET_CHARS = 300
+
+
+def error_summary(status: int, body: bytes | None) -> str:
+    if body:
+        text = " ".join(body[: ERROR_SNIPPET_CHARS * 4].decode("utf-8", "replace").split())
+        if text:
+            return f"HTTP {status}: {text[:ERROR_SNIPPET_CHARS]}"
+    return f"HTTP {status}"
+
+
+def classify(
+    record: CompletionRecord,
+    failure: tuple[str, str] | None,
+    stream_tap: StreamTap | None,
+    body_tap: BodyTap | None,
+    chat: bool,
+    started: float,
+) -> None:
+    """Set outcome and error (and parse a plain body) once the exchange is over."""
+    status = record.status_code or 0
+    body: bytes | None = None
+    parsed = False
+    if stream_tap is not None:
+        if failure is not None:
+            stream_tap.folder.finish()
+        first = stream_tap.first_content_at or stream_tap.first_event_at
+        if first is not None:
+            record.ttft_ms = round((first - started) * 1000, 3)
+        parsed = stream_tap.folder.parsed_events > 0
+        failed = stream_tap.folder.failed
+    elif body_tap is not None:
+        body = body_tap.body()
+        if body is not None and (chat or status >= 400):
+            parsed = parse_completion_body(record, body)
+        failed = bool(record.error) or any(c.finish_reason == "error" for c in record.choices)
+    else:
+        failed = False
+    if failure is not None and not (
+        failure[0] == "client_disconnected" and stream_tap is not None and stream_tap.folder.done
+    ):  # a client that hangs up right after [DONE] got everything: not a disconnect
+        record.outcome, record.error = failure[0], record.error or failure[1]
+        return
+    if status >= 400 or (chat and status >= 300):  # a redirect is no completion either
+        record.outcome = "upstream_error"
+        if not record.error:
+            record.error = error_summary(status, body)
+        return
+    if chat and 200 <= status < 300:
+        if not parsed:
+            record.outcome = "unparsed"
+            reason = body_tap.failure if body_tap is not None else None
+            record.error = record.error or reason or "response could not be parsed as a chat completion"
+        elif failed:
+            record.outcome = "upstream_error"
+        else:
+            record.outcome = "ok"
+        return
+    record.outcome = "ok"

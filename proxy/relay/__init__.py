@@ -1,0 +1,8 @@
+"""The request path: a call is forwarded byte for byte and a copy of it handed to the writer.
+
+- handler.py         the catch-all route's handler (Forwarder) and the Capture it submits
+- policy.py          which headers pass in each direction, which targets are refused
+- copies.py          the bounded copy of a response kept for the writer
+- request_ids.py     UUIDv7 request ids
+- aiohttp_compat.py  the aiohttp internals the relay relies on, in one tested place
+"""

@@ -1,0 +1,14 @@
+"""The ledger in SQL: the schema, how rows get in, and every read of them.
+
+- models.py      the schema (ORM models): the one source of tables and columns
+- types.py       column types and every value conversion (ORM and driver level)
+- rows.py        records as rows; column lists derived from the models
+- insert.py      the one insert path (batch, one transaction)
+- engine.py      the engine factory (SQLite pragmas)
+- migrate.py     applying the Alembic migrations shipped in the package
+- filters.py     filters -> WHERE clauses, shared by every read
+- queries.py     pages, single calls, streamed exports
+- stats.py       aggregates and percentiles per group
+- key_labels.py  labels for key fingerprints
+- pricing/       price book, the prices table, OpenRouter sync, reprice, the running pricer
+"""

@@ -1,0 +1,110 @@
+"""Reading logged completions: a page, one call, or all matching rows streamed (logs, export, the API).
+Aggregates are in stats.py; filters in filters.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy import Select, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .filters import Filters, where_clauses
+from .models import choices_table, completions_table
+from .rows import CHOICE_COLUMNS
+
+c = completions_table.c
+COLUMNS = tuple(completions_table.c.keys())
+MIN_PREFIX = 6
+
+
+def completions_query(filters: Filters, dialect: str) -> Select[Any]:
+    return select(completions_table).where(*where_clauses(filters, dialect))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def to_json(value: Any, *, indent: bool = False) -> bytes:
+    """Rows as JSON: times in RFC 3339 UTC (`Z`), costs as numbers."""
+    option = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC | (orjson.OPT_INDENT_2 if indent else 0)
+    return orjson.dumps(value, default=_json_default, option=option)
+
+
+def row_dict(row: Any, choices: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    data = dict(row._mapping)
+    data["choices"] = list(choices)
+    return data
+
+
+async def _choices_for(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+    found: dict[int, list[dict[str, Any]]] = {pk: [] for pk in ids}
+    if not ids:
+        return found
+    query = (
+        select(choices_table.c.completion_pk, *(choices_table.c[name] for name in CHOICE_COLUMNS))
+        .where(choices_table.c.completion_pk.in_(ids))
+        .order_by(choices_table.c.completion_pk, choices_table.c.index)
+    )
+    for row in await conn.execute(query):
+        found[row.completion_pk].append({name: getattr(row, name) for name in CHOICE_COLUMNS})
+    return found
+
+
+async def fetch_completions(
+    conn: AsyncConnection, filters: Filters, *, limit: int = 20, before_id: int | None = None
+) -> list[dict[str, Any]]:
+    """Newest first (by id, the order rows were logged), with their choices; limit 0 = all."""
+    query = completions_query(filters, conn.dialect.name).order_by(c.id.desc())
+    if before_id is not None:
+        query = query.where(c.id < before_id)
+    if limit:
+        query = query.limit(limit)
+    rows = (await conn.execute(query)).all()
+    choices = await _choices_for(conn, [row.id for row in rows])
+    return [row_dict(row, choices[row.id]) for row in rows]
+
+
+def short_id(request_id: str) -> str:
+    """What `logs` prints for a request id: its last 8 characters. Request ids are UUIDv7, whose first 8
+    characters are the time and are the same for every call in the same minute; the end is random."""
+    return request_id[-8:]
+
+
+async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, Any]]:
+    """The completion with this request_id, else those with this upstream completion id, else those whose
+    request_id ends with `ident` (the short id `logs` prints) or starts with it; newest first. A suffix
+    match reads the whole table (no index helps), which an interactive lookup can afford."""
+    ident = ident.strip()
+    conditions = [c.request_id == ident, c.completion_id == ident]
+    if MIN_PREFIX <= len(ident) < 36:
+        conditions.append(c.request_id.endswith(ident, autoescape=True))
+        conditions.append(c.request_id.startswith(ident, autoescape=True))
+    for condition in conditions:
+        rows = (await conn.execute(select(completions_table).where(condition).order_by(c.id.desc()))).all()
+        if rows:
+            choices = await _choices_for(conn, [row.id for row in rows])
+            return [row_dict(row, choices[row.id]) for row in rows]
+    return []
+
+
+async def iter_completions(
+    engine: AsyncEngine, filters: Filters, *, limit: int = 0, chunk: int = 1000, newest_first: bool = False
+) -> AsyncIterator[dict[str, Any]]:
+    """Oldest first (or newest), streamed with a server-side cursor in chunks: memory stays flat however
+    many rows."""
+    async with engine.connect() as conn, engine.connect() as side:
+        query = completions_query(filters, conn.dialect.name).order_by(c.id.desc() if newest_first else c.id)
+        if limit:
+            query = query.limit(limit)
+        result = await conn.stream(query.execution_options(yield_per=chunk))
+        async for partition in result.partitions():
+            choices = await _choices_for(side, [row.id for row in partition])
+            for row in partition:
+                yield row_dict(row, choices[row.id])

@@ -1,0 +1,333 @@
+"""`stats`: sums, counts and latency percentiles of logged completions, grouped by one dimension.
+
+Filters come from filters.py, so `stats` and `logs` select the same rows.
+
+Percentiles: PostgreSQL has percentile_cont. SQLite has none, so the same interpolated value is
+computed from the two rows around the wanted rank: for `--by model` with LIMIT/OFFSET over the
+durations of each (model, requested_model) pair, read from the stats covering index (a bounded sort:
+SQLite keeps only the rows up to the wanted rank), for other groupings with row_number() over the
+filtered rows (slower: it ranks every row). The index is in append order, not duration order, because
+the writer pays for every index page an insert dirties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    Integer,
+    and_,
+    case,
+    cast,
+    desc,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    true,
+    tuple_,
+    union_all,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .filters import FilterError, Filters, tag_key, where_clauses
+from .models import ApiKey, completions_table
+from .types import Money
+
+c = completions_table.c
+DIMENSIONS = ("model", "day", "hour", "user", "key", "tag", "provider", "upstream")
+PERCENTILES = (0.5, 0.95)
+MAX_UNION_ARMS = 200
+MAX_WANTED_RANKS = 8000
+
+STAT_FIELDS = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cost",
+    "unknown_cost",
+)
+
+
+@dataclass(slots=True)
+class StatsRow:
+    key: Any
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: Decimal | None = None
+    unknown_cost: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    label: str | None = None
+    timed: int = field(default=0, repr=False)
+
+    def add(self, row: Any) -> None:
+        if not hasattr(row, "unknown_cost"):
+            self.unknown_cost += row.requests - row.priced
+        for name in STAT_FIELDS:
+            value = getattr(row, name, None)
+            if value is None:
+                continue
+            current = getattr(self, name)
+            setattr(self, name, value if current is None else current + value)
+        self.timed += row.timed
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {"key": self.key}
+        if self.label is not None:
+            data["label"] = self.label
+        data.update({name: getattr(self, name) for name in (*STAT_FIELDS, "p50_ms", "p95_ms")})
+        return data
+
+
+@dataclass(slots=True)
+class Stats:
+    by: str
+    rows: list[StatsRow]
+    totals: StatsRow
+
+
+def _aggregates() -> list[Any]:
+    """count() of a nullable column is the cheapest aggregate on SQLite; unknown cost = requests - priced."""
+    return [
+        func.count().label("requests"),
+        func.count(func.nullif(c.outcome, "ok")).label("errors"),
+        func.sum(c.prompt_tokens).label("prompt_tokens"),
+        func.sum(c.completion_tokens).label("completion_tokens"),
+        func.sum(c.cached_tokens).label("cached_tokens"),
+        func.sum(c.reasoning_tokens).label("reasoning_tokens"),
+        func.sum(c.cost, type_=Money()).label("cost"),
+        func.count(c.cost).label("priced"),
+        func.count(c.duration_ms).label("timed"),
+    ]
+
+
+def parse_dimension(by: str) -> str:
+    if by in DIMENSIONS:
+        return by
+    if by.startswith("tag:") and by[4:]:
+        tag_key("by", by[4:])
+        return by
+    raise FilterError("by", f"expected one of {', '.join(DIMENSIONS)} or tag:NAME, got {by!r}")
+
+
+def _group(by: str, dialect: str) -> tuple[Any, Any]:
+    """The grouping expression and the FROM clause it needs."""
+    table: Any = completions_table
+    if by == "model":
+        return func.coalesce(c.model, c.requested_model), table
+    if by in ("day", "hour"):
+        if dialect == "sqlite":
+            return func.strftime("%Y-%m-%d" if by == "day" else "%Y-%m-%d %H:00", c.started_at), table
+        moment = func.timezone("UTC", c.started_at)
+        return func.to_char(moment, "YYYY-MM-DD" if by == "day" else "YYYY-MM-DD HH24:00"), table
+    if by in ("user", "key", "provider", "upstream"):
+        column = c.api_key_hash if by == "key" else c[by]
+        # SQLite would walk the user/key index to group without sorting, one table lookup per row, even
+        # when a time filter leaves a small range: as an expression the index no longer tempts it
+        return (column.concat("") if dialect == "sqlite" else column), table
+    if by.startswith("tag:"):
+        return c.tags[by[4:]].as_string(), table
+    if dialect == "sqlite":  # by == "tag": one group per key=value pair
+        pairs = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued(
+            "key", "value"
+        )
+        pairs = pairs.alias("tag_pairs")
+        return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
+    pairs = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued(
+        "key", "value"
+    )
+    pairs = pairs.lateral("tag_pairs")
+    return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
+
+
+def _percentile(values: Mapping[int, float], count: int, p: float) -> float | None:
+    """percentile_cont from the 0-based ranks floor(h) and floor(h)+1, h = p * (count - 1)."""
+    if count == 0:
+        return None
+    h = p * (count - 1)
+    low = int(h)
+    lower = values[low]
+    upper = values.get(low + 1, lower)
+    return lower + (h - low) * (upper - lower)
+
+
+def _index_covers(filters: Filters) -> bool:
+    """Whether the stats index holds every filtered column (else walking it means a table lookup per row)."""
+    return not (
+        filters.user
+        or filters.tags
+        or filters.key
+        or filters.status is not None
+        or filters.stream is not None
+    )
+
+
+async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats:
+    by = parse_dimension(by)
+    dialect = conn.dialect.name
+    where = where_clauses(filters, dialect)
+    key_expr, from_ = _group(by, dialect)
+    groups: dict[Any, StatsRow] = {}
+    pairs: dict[Any, list[tuple[str | None, str | None, int]]] = {}
+    if dialect == "sqlite" and by == "model":
+        # grouping by the indexed pair streams; coalesce(model, requested_model) would sort every row
+        query = select(c.model, c.requested_model, *_aggregates()).where(*where)
+        for row in await conn.execute(query.group_by(c.model, c.requested_model)):
+            key = row.model if row.model is not None else row.requested_model
+            groups.setdefault(key, StatsRow(key)).add(row)
+            pairs.setdefault(key, []).append((row.model, row.requested_model, row.timed))
+    else:
+        extra = []
+        if dialect != "sqlite":
+            extra = [
+                func.percentile_cont(p).within_group(c.duration_ms).label(f"p{i}")
+                for i, p in enumerate(PERCENTILES)
+            ]
+        query = select(key_expr.label("key"), *_aggregates(), *extra).select_from(from_).where(*where)
+        for row in await conn.execute(query.group_by(key_expr)):
+            stats = groups[row.key] = StatsRow(row.key)
+            stats.add(row)
+            if extra:
+                stats.p50_ms, stats.p95_ms = row.p0, row.p1
+    if dialect == "sqlite" and groups:
+        if by == "model" and _index_covers(filters):
+            await _model_percentiles(conn, where, groups, pairs)
+        else:
+            await _window_percentiles(conn, key_expr, from_, where, groups)
+    if by == "key":
+        await _attach_labels(conn, groups)
+    rows = sorted(groups.values(), key=lambda r: (r.cost is None, -(r.cost or 0), -r.requests, str(r.key)))
+    return Stats(by, rows, await _totals(conn, by, where, rows))
+
+
+async def _totals(conn: AsyncConnection, by: str, where: list[Any], rows: list[StatsRow]) -> StatsRow:
+    totals = StatsRow("total")
+    if by != "tag":
+        for row in rows:
+            totals.add(row)
+        return totals
+    # one row can carry several tags: count each row once
+    row = (await conn.execute(select(*_aggregates()).where(*where))).one()
+    totals.add(row)
+    return totals
+
+
+async def _model_percentiles(
+    conn: AsyncConnection,
+    where: list[Any],
+    groups: dict[Any, StatsRow],
+    pairs: dict[Any, list[tuple[str | None, str | None, int]]],
+) -> None:
+    """For each group and percentile, the two durations around the wanted rank, read with LIMIT 2 OFFSET k
+    from the group's (model, requested_model) pairs, from the nearer end (the sort keeps fewer rows)."""
+    pieces: list[Any] = []
+    wanted: list[tuple[Any, int, float]] = []
+    for key, members in pairs.items():
+        count = sum(timed for _, _, timed in members)
+        if count == 0:
+            continue
+        arms = [
+            select(c.duration_ms.label("d")).where(
+                *where,
+                c.model.is_(None) if model is None else c.model == model,
+                c.requested_model.is_(None) if requested is None else c.requested_model == requested,
+                c.duration_ms.is_not(None),
+            )
+            for model, requested, timed in members
+            if timed
+        ]
+        if len(arms) > MAX_UNION_ARMS:  # SQLite caps compound selects; sort this group instead
+            group = func.coalesce(c.model, c.requested_model)
+            arms = [select(c.duration_ms.label("d")).where(*where, group == key, c.duration_ms.is_not(None))]
+        source: Any = union_all(*arms).subquery() if len(arms) > 1 else arms[0].subquery()
+        for p in PERCENTILES:
+            low = int(p * (count - 1))
+            from_top = low > count // 2 and count - 2 - low >= 0
+            ordered = (
+                select(source.c.d)
+                .order_by(desc(source.c.d) if from_top else source.c.d)
+                .limit(2)
+                .offset(count - 2 - low if from_top else low)
+                .subquery()
+            )
+            pieces.append(select(literal(len(wanted)).label("piece"), ordered.c.d))
+            wanted.append((key, count, p))
+    found: dict[int, list[float]] = {}
+    for start in range(0, len(pieces), MAX_UNION_ARMS):  # one round trip per 200 lookups
+        chunk = pieces[start : start + MAX_UNION_ARMS]
+        query = union_all(*chunk) if len(chunk) > 1 else chunk[0]
+        for row in await conn.execute(query):
+            found.setdefault(row.piece, []).append(row.d)
+    results: dict[Any, dict[float, float | None]] = {}
+    for piece, (key, count, p) in enumerate(wanted):
+        values = sorted(found.get(piece, ()))
+        low = int(p * (count - 1))
+        ranks = {low: values[0], low + 1: values[-1]} if values else {}
+        results.setdefault(key, {})[p] = _percentile(ranks, count, p) if ranks else None
+    for key, by_p in results.items():
+        groups[key].p50_ms, groups[key].p95_ms = by_p.get(PERCENTILES[0]), by_p.get(PERCENTILES[1])
+
+
+async def _window_percentiles(
+    conn: AsyncConnection, key_expr: Any, from_: Any, where: list[Any], groups: dict[Any, StatsRow]
+) -> None:
+    """Rank durations within each group (one sort) and keep only the rows around the wanted ranks."""
+    ranked = (
+        select(
+            key_expr.label("key"),
+            c.duration_ms.label("d"),
+            func.row_number().over(partition_by=key_expr, order_by=c.duration_ms).label("rn"),
+        )
+        .select_from(from_)
+        .where(*where, c.duration_ms.is_not(None))
+        .subquery()
+    )
+    wanted: set[tuple[Any, int]] = set()
+    for key, stats in groups.items():
+        for p in PERCENTILES if stats.timed else ():
+            low = int(p * (stats.timed - 1))
+            wanted.update({(key, low + 1), (key, min(low + 2, stats.timed))})
+    if not wanted:
+        return
+    if len(wanted) <= MAX_WANTED_RANKS:
+        known = sorted((pair for pair in wanted if pair[0] is not None), key=repr)
+        conditions = [tuple_(ranked.c.key, ranked.c.rn).in_(known)] if known else []
+        nulls = sorted(rn for key, rn in wanted if key is None)
+        if nulls:
+            conditions.append(and_(ranked.c.key.is_(None), ranked.c.rn.in_(nulls)))
+        query = select(ranked.c.key, ranked.c.d, ranked.c.rn).where(or_(*conditions))
+    else:  # too many groups for one IN list: let SQL find each group's ranks
+        counted = select(ranked, func.count().over(partition_by=ranked.c.key).label("n")).subquery()
+        lows = [cast((counted.c.n - 1) * literal_column(repr(p)), Integer) for p in PERCENTILES]
+        query = select(counted.c.key, counted.c.d, counted.c.rn).where(
+            or_(*(counted.c.rn.between(low + 1, low + 2) for low in lows))
+        )
+    found: dict[Any, dict[int, float]] = {}
+    for row in await conn.execute(query):
+        found.setdefault(row.key, {})[row.rn - 1] = row.d
+    for key, values in found.items():
+        if key in groups:
+            stats = groups[key]
+            stats.p50_ms, stats.p95_ms = (_percentile(values, stats.timed, p) for p in PERCENTILES)
+
+
+async def _attach_labels(conn: AsyncConnection, groups: dict[Any, StatsRow]) -> None:
+    hashes = [key for key in groups if key is not None]
+    if not hashes:
+        return
+    for row in await conn.execute(
+        select(ApiKey.api_key_hash, ApiKey.label).where(ApiKey.api_key_hash.in_(hashes))
+    ):
+        groups[row.api_key_hash].label = row.label

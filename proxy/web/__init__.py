@@ -1,0 +1,11 @@
+"""The HTTP side: the application factory and the proxy's own endpoints under /_ledger/.
+
+- app.py        create_app: routes and one cleanup_ctx per resource
+- router.py     the router: everything outside /_ledger/ goes straight to the relay
+- appkeys.py    typed application keys
+- health.py     /_ledger/health
+- api.py        the JSON query API (/_ledger/api/*) and /_ledger/metrics
+- auth.py       who may use the ledger's endpoints
+- metrics.py    the Prometheus registry
+- responses.py  JSON bodies and errors
+"""

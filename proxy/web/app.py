@@ -1,0 +1,111 @@
+"""The application factory: routes in one place, one cleanup_ctx per resource (database, prices and
+metrics, the recorder, the upstream client session)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from ..config import Config
+from ..relay.handler import Forwarder, json_error
+from ..relay.policy import refusal
+from ..store.engine import create_engine
+from ..store.migrate import upgrade
+from ..store.pricing.pricer import Pricer
+from ..writer.link import RecorderLink
+from ..writer.protocol import Recorder
+from ..writer.recorder import BatchRecorder, batch_hook
+from .api import add_routes as add_api_routes
+from .appkeys import CONFIG, ENGINE, FORWARDER, METRICS, PRICER, RECORDER
+from .health import health
+from .metrics import LedgerMetrics
+from .router import LEDGER_PREFIX, ProxyRouter, new_app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    engine = create_engine(config.database.url)
+    if config.database.auto_migrate and app.get(_MIGRATE, True):
+        await upgrade(engine)
+    app[ENGINE] = engine
+    yield
+    await engine.dispose()
+
+
+async def _accounting(app: web.Application) -> AsyncIterator[None]:
+    """The price book (config prices recorded, reloaded every minute) and the metrics registry."""
+    pricer = Pricer(app[ENGINE], app[CONFIG].pricing.models)
+    await pricer.start()
+    app[PRICER] = pricer
+    app[METRICS] = LedgerMetrics()
+    yield
+    await pricer.stop()
+
+
+async def _recorder(app: web.Application) -> AsyncIterator[None]:
+    config, metrics = app[CONFIG], app[METRICS]
+    recorder: Recorder
+    if config.database.writer == "process":
+        recorder = RecorderLink(config, metrics.apply)
+    else:
+        recorder = BatchRecorder.from_config(app[ENGINE], config.database, batch_hook(app[PRICER], metrics.observe))
+    await recorder.start()
+    metrics.watch(recorder)
+    app[RECORDER] = recorder
+    app[FORWARDER].submit = recorder.submit
+    yield
+    await recorder.close()
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    upstream = app[CONFIG].upstream
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=upstream.connect_timeout,
+        sock_connect=upstream.connect_timeout,
+        sock_read=upstream.read_timeout,
+    )
+    connector = aiohttp.TCPConnector(limit=upstream.max_connections, ttl_dns_cache=300)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+    app[FORWARDER].session = session
+    yield
+    await session.close()
+
+
+async def refuse_target(request: web.Request) -> web.Response:
+    """CONNECT and targets not in origin form (ProxyRouter sends them here)."""
+    reason = refusal(request) or "request target not accepted"
+    return json_error(400, reason, "invalid_request_error", "proxy_refused")
+
+
+async def ledger_not_found(request: web.Request) -> web.Response:
+    return json_error(404, f"no such chatledger endpoint: {request.path}", "invalid_request_error", "not_found")
+
+
+_MIGRATE = web.AppKey("migrate", bool)
+
+
+def create_app(config: Config, *, migrate: bool = True) -> web.Application:
+    """Build the proxy. With migrate=False the caller has already applied migrations (serve does)."""
+    router = ProxyRouter(refuse_target)
+    app = new_app(router, client_max_size=config.server.max_body_size)
+    app[CONFIG] = config
+    app[_MIGRATE] = migrate
+    app[FORWARDER] = forwarder = Forwarder(config)
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_accounting)
+    app.cleanup_ctx.append(_recorder)
+    app.cleanup_ctx.append(_client_session)
+    app.router.add_get(LEDGER_PREFIX + "health", health)
+    add_api_routes(app)
+    app.router.add_route("*", LEDGER_PREFIX + "{tail:.*}", ledger_not_found)
+    router.add_forwarding(forwarder.handle)
+    return app

@@ -1,0 +1,486 @@
+"""The batching writer: requests hand calls over without waiting; one task writes them in batches.
+
+submit() is synchronous and O(1): it appends to an in-memory queue and wakes the writer. The writer
+takes what is queued (up to batch_max), parses captured calls (parse.materialize), prices them (the
+on_batch hook) and writes them in one transaction. Where a record goes:
+- the database, normally;
+- the spool on disk when the database fails at the connection level (it is then marked down and
+  retried with backoff) or stalls past write_timeout;
+- the spool too when the database refuses the batch for its *data* (a constraint, a value out of
+  range): the database stays up, and replay goes row by row so the offending rows are set aside in
+  a rejected-*.jsonl file while the rest is committed;
+- memory (bounded by queue_max) only while neither the database nor the spool can take it; past
+  that, records are counted as lost, logged as errors, and health reports degraded.
+A guard task bounds how long a finished record stays in memory only: a record submitted hold_max
+seconds ago that is still queued, or in a batch the database has not confirmed, is spooled.
+Replay is idempotent (request_id is unique), so a row both committed and spooled is written once.
+
+One module because it is one state machine: the queue, the database, the spool and the guard all
+decide from the same state (what is in flight, what is healthy, what is waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ..config import DatabaseConfig, default_spool_dir
+from ..parse import Capture, CompletionRecord, materialize
+from ..store.insert import BatchWriter
+from ..store.rows import record_to_row
+from .errors import describe, is_data_error
+from .health import Health
+from .losses import LossCounter
+from .protocol import WriterStats
+from .replay import SpoolReplay, split_refused
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+IDLE_TICK = 1.0
+HOLD_MAX = 1.0
+RESCAN_INTERVAL = 30.0
+ABANDONED_GRACE = 10.0
+MIN_BATCH = 50
+
+T = TypeVar("T")
+OnBatch = Callable[[list[CompletionRecord]], None]
+
+
+class _Pricer(Protocol):
+    def apply(self, records: Sequence[CompletionRecord]) -> None: ...
+
+
+def batch_hook(pricer: _Pricer, count: Callable[[list[CompletionRecord]], Any]) -> OnBatch:
+    """The writer's hook, once per batch before inserting: cost from the price book, then the metrics."""
+
+    def on_batch(records: list[CompletionRecord]) -> None:
+        try:
+            pricer.apply(records)
+        finally:
+            count(records)
+
+    return on_batch
+
+
+class BatchRecorder:
+    """The writer: queue, batches, spool, replay. Implements protocol.Recorder."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        spool_dir: Path,
+        *,
+        queue_max: int = 100_000,
+        batch_max: int = 2_000,
+        write_timeout: float = 5.0,
+        hold_max: float = HOLD_MAX,
+        flush_interval: float = 0.0,
+        on_batch: OnBatch | None = None,
+    ) -> None:
+        self._engine = engine
+        self._writer = BatchWriter(engine.dialect.name)
+        self.spool = Spool(spool_dir)
+        self._queue_max = queue_max
+        self._batch_max = batch_max
+        self._batch = batch_max  # adapts: halved when the database times out, doubled back on success
+        self._write_timeout = write_timeout
+        self.hold_max = hold_max
+        self._flush_interval = flush_interval
+        self._on_batch = on_batch
+        self._pending: deque[tuple[float, Capture | CompletionRecord]] = deque()  # (submitted at, item)
+        self._overflow: list[Capture | CompletionRecord] = []
+        self._unsaved: deque[dict[str, Any]] = deque()  # rows neither the database nor the spool took
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._guard_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._db = Health()
+        self._disk = Health()
+        self._backlog = True  # check for leftovers of an earlier run at start
+        self._rescan_at = 0.0
+        self._replay = SpoolReplay(self.spool)
+        self._inflight: list[dict[str, Any]] | None = None
+        self._inflight_since: float | None = None  # when its oldest record was submitted
+        self._inflight_spooled = False
+        self._busy_since: float | None = None  # when the writer's current database operation began
+        self._guard_busy = 0
+        self._abandoned: set[asyncio.Future[Any]] = set()
+        self.rows_written = 0
+        self.rows_spooled = 0
+        self.rows_replayed = 0
+        self.rows_rejected = 0
+        self._losses = LossCounter(self.spool.directory)
+        self.last_error: str | None = None
+
+    @classmethod
+    def from_config(cls, engine: AsyncEngine, config: DatabaseConfig, on_batch: OnBatch | None = None) -> BatchRecorder:
+        return cls(
+            engine,
+            default_spool_dir(config),
+            queue_max=config.queue_max,
+            batch_max=config.batch_max,
+            write_timeout=config.write_timeout,
+            flush_interval=config.flush_interval,
+            on_batch=on_batch,
+        )
+
+    # ---- request side -------------------------------------------------------------------------
+
+    def submit(self, item: Capture | CompletionRecord) -> None:
+        """Hand a call over; never blocks, never raises. Past queue_max it goes to the spool."""
+        if len(self._pending) + len(self._unsaved) >= self._queue_max:  # memory holds queue_max at most
+            self._overflow.append(item)
+        else:
+            self._pending.append((time.monotonic(), item))
+        self._idle.clear()
+        self._wakeup.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending) + len(self._overflow) + len(self._unsaved)
+
+    @property
+    def rows_lost(self) -> int:
+        return self._losses.total
+
+    @property
+    def degraded(self) -> bool:
+        """True while records can be written nowhere (database and spool both failing), and for the
+        rest of the process's life once any record was lost."""
+        return self.rows_lost > 0 or (not self._disk.ok and not self._db.ok) or bool(self._unsaved)
+
+    def stats(self) -> WriterStats:
+        return WriterStats(
+            rows_written=self.rows_written,
+            rows_spooled=self.rows_spooled,
+            rows_replayed=self.rows_replayed,
+            rows_rejected=self.rows_rejected,
+            rows_lost=self.rows_lost,
+            queue_depth=self.queue_depth,
+            database_ok=self._db.ok,
+            spool_ok=self._disk.ok,
+            degraded=self.degraded,
+            last_error=self.last_error,
+        )
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="chatledger-recorder")
+        self._guard_task = asyncio.create_task(self._guard(), name="chatledger-recorder-guard")
+
+    async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Drain everything to the database (or the spool) and stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                log.error("recorder did not drain within %.0fs; spooling what is left", timeout)
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        if self._guard_task is not None:
+            self._guard_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._guard_task
+        if self._abandoned:
+            # timed-out writes: let them end (SQLite's busy_timeout ends them) before the engine goes
+            # away; cancelling one now could leave its cleanup waiting on a closed aiosqlite thread
+            _, stuck = await asyncio.wait(set(self._abandoned), timeout=ABANDONED_GRACE)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=1.0)
+        self._replay.release()
+        rows = list(self._unsaved) + self._rows([record for _, record in self._pending] + self._overflow)
+        self._unsaved.clear()
+        self._pending.clear()
+        self._overflow = []
+        if rows:
+            try:
+                self.rows_spooled += await asyncio.to_thread(self.spool.append, rows)
+            except Exception as exc:
+                self._losses.lose(len(rows), exc, log_now=True)
+        self._losses.log_now(None)
+        await asyncio.to_thread(self.spool.close)
+        self._idle.set()
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until every submitted record has been written or spooled (tests, shutdown)."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    # ---- writer task --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if self._overflow:
+                await self._spool_rows(self._take_overflow())
+                continue
+            if self._unsaved and self._can_store():
+                rows = [self._unsaved.popleft() for _ in range(min(len(self._unsaved), self._batch))]
+                await self._store(rows)
+                continue
+            if self._pending and self._can_store():
+                linger = self._pending[0][0] + self._flush_interval - time.monotonic()
+                if linger > 0 and len(self._pending) < self._batch and not self._closing:
+                    await asyncio.sleep(linger)  # let a batch gather: per-batch costs dwarf per-row ones
+                    continue
+                take = self._batch if self._db.usable() else len(self._pending)
+                items = [self._pending.popleft() for _ in range(min(len(self._pending), take))]
+                await self._store(self._rows([record for _, record in items]), items[0][0])
+                continue
+            if not self._closing and self._db.usable() and (self._backlog or self._replay.active):
+                await self._replay_step()
+                continue
+            if not self._disk.ok and self._disk.usable():
+                await self._probe_spool()
+            if not self._pending and not self._overflow and not self._unsaved:
+                if self._guard_busy == 0:
+                    self._idle.set()
+                if self._closing:
+                    return
+            elif self._closing and not self._can_store():
+                return  # close() spools (or counts) what is left
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._sleep_time())
+            if time.monotonic() >= self._rescan_at:
+                self._backlog = True  # pick up segments a crashed or stopped worker left behind
+
+    def _sleep_time(self) -> float:
+        now = time.monotonic()
+        waits = [IDLE_TICK]
+        for health in (self._db, self._disk):
+            if not health.ok:
+                waits.append(health.retry_at - now)
+        return max(0.01, min(waits))
+
+    def _take_overflow(self) -> list[dict[str, Any]]:
+        overflow, self._overflow = self._overflow, []
+        return self._rows(overflow)
+
+    def _rows(self, items: list[Capture | CompletionRecord]) -> list[dict[str, Any]]:
+        """Rows of records (captured calls are parsed here, off the request path), after the on_batch
+        hook (pricing, metrics) saw them: once per record."""
+        if not items:
+            return []
+        records = [materialize(item) if type(item) is Capture else item for item in items]
+        if self._on_batch is not None:
+            try:
+                self._on_batch(records)
+            except Exception:
+                log.exception("on_batch hook failed")
+        return [record_to_row(record) for record in records]
+
+    def _can_store(self) -> bool:
+        return self._db.usable() or self._disk.usable()
+
+    async def _timed(self, operation: Coroutine[Any, Any, T]) -> T:
+        """One database operation, bounded by write_timeout.
+
+        On timeout the writer moves on (to the spool) without waiting for the operation; if it
+        commits after all, replay de-duplicates. A PostgreSQL operation is cancelled (asyncpg drops
+        the connection). A SQLite one is left to finish: SQLite's busy_timeout ends it, whereas a
+        cancelled aiosqlite call is closed without a rollback while its statement may still be
+        alive, and such a zombie connection can keep the write lock for good.
+        """
+        task = asyncio.ensure_future(operation)
+        self._busy_since = time.monotonic()
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._write_timeout)
+            if task in done:
+                return task.result()
+            if self._engine.dialect.name != "sqlite":
+                task.cancel()
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned_done)
+            raise TimeoutError(f"database did not answer within {self._write_timeout:g}s")
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            self._busy_since = None
+
+    def _abandoned_done(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("abandoned database operation ended with %s", describe(task.exception()))
+
+    async def _store(self, rows: list[dict[str, Any]], since: float | None = None) -> None:
+        if self._db.usable():
+            self._inflight, self._inflight_spooled, self._inflight_since = rows, False, since
+            try:
+                await self._timed(self._insert(rows))
+            except Exception as exc:
+                if is_data_error(exc):
+                    log.error(
+                        "database refused a batch of %d record(s) (%s); spooled for row-by-row replay",
+                        len(rows),
+                        describe(exc),
+                    )
+                    self._backlog = True
+                else:
+                    self._database_failed(exc)
+            else:
+                self.rows_written += len(rows)
+                self._database_back()
+                return
+            finally:
+                self._inflight = self._inflight_since = None
+            if self._inflight_spooled:  # the guard already put them on disk
+                return
+        await self._spool_rows(rows)
+
+    async def _insert(self, rows: list[dict[str, Any]], *, skip_existing: bool = False) -> None:
+        """One transaction (store.insert.BatchWriter); skip_existing for replayed rows."""
+        async with self._engine.begin() as conn:
+            await self._writer.insert(conn, rows, skip_existing=skip_existing)
+
+    def _database_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, TimeoutError):  # a slow database gets smaller batches, so replay still progresses
+            self._batch = max(MIN_BATCH, self._batch // 2)
+        message = describe(exc)
+        if self._db.ok:
+            log.warning("database write failed, spooling records to %s: %s", self.spool.directory, message)
+        self.last_error = message
+        self._db.failed()
+
+    def _database_back(self) -> None:
+        if not self._db.ok:
+            log.warning("database writable again; replaying spool")
+            self._backlog = True
+        self._db.back()
+        self._batch = min(self._batch_max, self._batch * 2)
+
+    # ---- spool --------------------------------------------------------------------------------
+
+    async def _spool_rows(self, rows: list[dict[str, Any]]) -> bool:
+        """Rows to disk; if the disk refuses, they wait in memory (up to queue_max) or are lost."""
+        if not rows:
+            return True
+        if not self._disk.usable():
+            self._keep_unsaved(rows, None)
+            return False
+        try:
+            written = await asyncio.to_thread(self.spool.append, rows)
+        except Exception as exc:
+            self._spool_failed(exc)
+            self._keep_unsaved(rows, exc)
+            return False
+        self.rows_spooled += written
+        self._backlog = True
+        if not self._disk.ok:
+            log.warning("spool %s writable again", self.spool.directory)
+        self._disk.back()
+        return True
+
+    async def _probe_spool(self) -> None:
+        """The database took everything since the spool failed: find out whether the disk is back."""
+        try:
+            await asyncio.to_thread(self.spool.probe)
+        except Exception as exc:
+            self._spool_failed(exc)
+        else:
+            log.warning("spool %s writable again", self.spool.directory)
+            self._disk.back()
+
+    def _spool_failed(self, exc: BaseException) -> None:
+        if self._disk.ok:
+            log.error("cannot write the spool %s: %s", self.spool.directory, describe(exc))
+        self._disk.failed()
+
+    def _keep_unsaved(self, rows: list[dict[str, Any]], exc: BaseException | None) -> None:
+        room = max(0, self._queue_max - len(self._unsaved) - len(self._pending))
+        self._unsaved.extend(rows[:room])
+        if len(rows) > room:
+            self._losses.lose(len(rows) - room, exc, log_now=self._closing)
+
+    # ---- guard: bounds the time a record lives in memory only ---------------------------------
+
+    async def _guard(self) -> None:
+        """Every hold_max/4: records submitted hold_max ago and still only in memory (queued behind a
+        slow database, or in a batch the database has not answered) go to the spool."""
+        tick = max(0.01, self.hold_max / 4)
+        while True:
+            await asyncio.sleep(tick)
+            due = time.monotonic() - self.hold_max
+            inflight = self._inflight
+            since, busy = self._inflight_since, self._busy_since
+            old_batch = inflight is not None and since is not None and since <= due
+            inflight_due = old_batch and not self._inflight_spooled
+            stalled = old_batch or (busy is not None and busy <= due)  # a write or a replay step hangs
+            # behind a stalled writer, everything queued goes now rather than a hold_max cohort at a time
+            pending_due = bool(self._pending) and (stalled or self._pending[0][0] <= due)
+            if not (inflight_due or pending_due or self._overflow) or not self._disk.usable():
+                continue
+            self._guard_busy += 1
+            try:
+                if (
+                    inflight_due
+                    and inflight is not None
+                    and await self._spool_rows(list(inflight))
+                    and self._inflight is inflight
+                ):
+                    self._inflight_spooled = True
+                rows = self._take_overflow()
+                if pending_due:
+                    records = [record for _, record in self._pending]
+                    self._pending.clear()
+                    rows += self._rows(records)
+                if rows:
+                    await self._spool_rows(rows)
+            except Exception:
+                log.exception("recorder guard failed")
+            finally:
+                self._guard_busy -= 1
+                self._wakeup.set()
+
+    # ---- replay -------------------------------------------------------------------------------
+
+    async def _replay_step(self) -> None:
+        """Replay one chunk of the oldest spool segment."""
+        chunk = await self._replay.next_chunk(self._batch)
+        if chunk is None:
+            self._backlog = False
+            self._rescan_at = time.monotonic() + RESCAN_INTERVAL
+            return
+        if chunk and not await self._replay_chunk(chunk):
+            return  # keep the claim and the position; retry after the backoff
+        await self._replay.advance(len(chunk))
+
+    async def _replay_chunk(self, chunk: list[dict[str, Any]]) -> bool:
+        try:
+            refused = await split_refused(chunk, lambda rows: self._timed(self._insert(rows, skip_existing=True)))
+        except Exception as exc:
+            self._database_failed(exc)
+            return False
+        if refused:
+            try:
+                path = await asyncio.to_thread(self.spool.reject, refused)
+            except Exception as exc:
+                self._spool_failed(exc)
+                return False
+            self.rows_rejected += len(refused)
+            log.error(
+                "database refused %d record(s) (%s); set aside in %s (%d rejected so far)",
+                len(refused),
+                refused[0]["_error"],
+                path,
+                self.rows_rejected,
+            )
+        self.rows_replayed += len(chunk) - len(refused)
+        self._database_back()
+        return True
