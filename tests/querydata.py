@@ -64,6 +64,7 @@ def make_rows(count: int = 56, start: datetime | None = None) -> list[dict[str, 
                 "ttft_ms": float(i % 50) if i % 3 == 0 else None,
                 "method": "POST",
                 "path": "/v1/chat/completions" if requested else "/v1/models",
+                "api": ("chat", "chat", "responses", "embeddings")[i % 4] if requested else None,
                 "upstream": UPSTREAMS[i % 2],
                 "status_code": status,
                 "outcome": outcome,
@@ -196,6 +197,7 @@ def filter_cases(start: datetime, now: datetime) -> list[FilterCase]:
         FilterCase("status", {"status": "429"}, lambda r: r["status_code"] == 429),
         FilterCase("stream", {"stream": "true"}, lambda r: r["stream"]),
         FilterCase("no stream", {"stream": "false"}, lambda r: not r["stream"]),
+        FilterCase("api", {"api": "responses"}, lambda r: r["api"] == "responses"),
         FilterCase(
             "combined",
             {"model": "gpt-4o*", "since": mid.isoformat(), "stream": "false", "user": "user-1"},
@@ -226,7 +228,7 @@ def group_keys(row: dict[str, Any], by: str) -> list[Any]:
         return [row["started_at"].strftime("%Y-%m-%d %H:00")]
     if by == "key":
         return [row["api_key_hash"]]
-    if by in ("user", "provider", "upstream"):
+    if by in ("user", "provider", "upstream", "api"):
         return [row[by]]
     if by.startswith("tag:"):
         return [(row["tags"] or {}).get(by[4:])]

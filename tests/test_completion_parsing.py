@@ -674,6 +674,7 @@ def base_columns(ledger: Ledger, path: str, **columns: Any) -> dict[str, Any]:
         "tags": None,
         "error": None,
         "upstream_request_id": None,
+        "api": "chat",
         **columns,
     }
 

@@ -406,7 +406,7 @@ async def test_all_paths_logs_every_call(upstream: FakeUpstream, database_url: s
     )
     assert (row["api_key_hash"], row["user"], row["upstream_request_id"]) == (KEY_HASH, "bob", "req_models")
     assert row["stream"] is False
-    for column in ("requested_model", "completion_id", "model", "prompt_tokens", "cost", "usage", "error"):
+    for column in ("requested_model", "completion_id", "model", "prompt_tokens", "cost", "usage", "error", "api"):
         assert row[column] is None, column
     assert row["choices"] == []
 

@@ -106,3 +106,29 @@ async def test_sqlite_uses_wal(tmp_path: Path) -> None:
             assert checkpoint == WAL_AUTOCHECKPOINT_PAGES != 1000  # not SQLite's default
     finally:
         await engine.dispose()
+
+
+async def test_0004_marks_existing_chat_rows_and_leaves_other_paths_null(database_url: str) -> None:
+    """Rows logged before `completions.api` existed: chat completions become `chat`, calls on other paths
+    (logged with all_paths) stay NULL."""
+    engine = create_engine(database_url)
+    started = "2026-11-01 10:00:00"
+    try:
+        await upgrade(engine, "0003")
+        async with engine.begin() as conn:
+            for request_id, method, path in (
+                ("a", "POST", "/v1/chat/completions"),
+                ("b", "POST", "/api/v1/chat/completions?x=1"),
+                ("c", "GET", "/v1/models"),
+                ("d", "GET", "/v1/chat/completions"),
+            ):
+                await conn.exec_driver_sql(
+                    "INSERT INTO completions (request_id, started_at, method, path, upstream, outcome, stream) "
+                    f"VALUES ('{request_id}', '{started}', '{method}', '{path}', 'u', 'ok', false)"
+                )
+        await upgrade(engine)
+        async with engine.connect() as conn:
+            found = dict((await conn.exec_driver_sql("SELECT request_id, api FROM completions")).all())
+        assert found == {"a": "chat", "b": "chat", "c": None, "d": None}
+    finally:
+        await engine.dispose()

@@ -78,6 +78,7 @@ def test_parse_time_rejects_with_the_parameter_name(text: str) -> None:
         ({"since": "soon"}, "since"),
         ({"since": "2026-03-02", "until": "2026-03-01"}, "until"),
         ({"user": ["a", "b"]}, "user"),
+        ({"api": "graphql"}, "api"),
     ],
 )
 def test_parse_filters_names_the_bad_parameter(params: dict[str, Any], param: str) -> None:
@@ -254,7 +255,7 @@ def _compare_stats(found: Any, rows: list[dict[str, Any]], by: str, exact_cost: 
 
 
 @pytest.mark.parametrize(
-    "by", ["model", "day", "hour", "user", "key", "tag", "tag:team", "provider", "upstream"]
+    "by", ["model", "day", "hour", "user", "key", "tag", "tag:team", "provider", "upstream", "api"]
 )
 async def test_stats_by_every_dimension(seeded: Seeded, by: str) -> None:
     async with seeded.engine.connect() as conn:

@@ -1,7 +1,7 @@
 """stats covering index: `stats --by model` and its percentiles read an index, not the table
 
 Grouping by (model, requested_model) streams through this index in order, without sorting; within
-each pair the durations are in order, so p50/p95 on SQLite are an index walk (see proxy/stats.py).
+each pair the durations are in order, so p50/p95 on SQLite are an index walk (see proxy/store/stats.py).
 
 Revision ID: 0002
 Revises: 0001

@@ -3,10 +3,8 @@
 0002 put duration_ms third, so every insert landed at a random place within its model's range and, once
 the index outgrew a commit's worth of rows, dirtied a page of its own (SQLite writes every dirtied page to
 the WAL at each commit, then again at the checkpoint). With started_at third, new rows go to the end of
-their (model, requested_model) range. Writer into a ledger of 1,000,000 rows (`python -m bench.writer_bench
---prefill 1000000`, SQLite): 10.8-11.0k rows/s with 0002's order, 14.6k with this one. `stats --by model`
-still reads only this index; its SQLite percentiles now sort each pair's durations instead of walking
-them in order (see proxy/stats.py).
+their (model, requested_model) range. `stats --by model` still reads only this index; its SQLite
+percentiles sort each pair's durations instead of walking them in order (see proxy/store/stats.py).
 
 Revision ID: 0003
 Revises: 0002

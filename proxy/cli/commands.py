@@ -56,7 +56,7 @@ def _filter_values(args: argparse.Namespace) -> Any:
 
     params = {
         name: getattr(args, name, None)
-        for name in ("model", "since", "until", "user", "key", "outcome", "status")
+        for name in ("model", "since", "until", "user", "key", "outcome", "status", "api")
     }
     params["tag"] = args.tag or []
     if args.stream is not None:

@@ -35,6 +35,7 @@ def _filters(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--outcome", help="ok, upstream_error, client_disconnected, timeout, unreachable, ...")
     group.add_argument("--status", metavar="CODE", help="HTTP status returned by the upstream")
     group.add_argument("--stream", action=argparse.BooleanOptionalAction, help="streamed calls only (or not)")
+    group.add_argument("--api", help="chat, responses, embeddings, completions or messages")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--by",
         default="model",
         metavar="DIMENSION",
-        help="model, day, hour, user, key, tag, tag:NAME, provider or upstream (default model)",
+        help="model, day, hour, user, key, tag, tag:NAME, provider, upstream or api (default model)",
     )
     _filters(stats)
     stats.set_defaults(handler=run.stats)

@@ -129,6 +129,7 @@ def new_record(capture: Capture, facts: RequestFacts | None) -> CompletionRecord
         path=capture.path,
         upstream=capture.upstream,
         api_key_hash=capture.api_key_hash,
+        api=capture.api,
     )
     if capture.tag_headers:
         record.tags = parse_tags(capture.tag_headers)

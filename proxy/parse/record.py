@@ -11,6 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+APIS = ("chat", "responses", "embeddings", "completions", "messages")  # completions.api values
 
 @dataclass(slots=True)
 class ChoiceRecord:
@@ -56,4 +57,5 @@ class CompletionRecord:
     tags: dict[str, str] | None = None
     error: str | None = None
     upstream_request_id: str | None = None
+    api: str | None = None  # the wire format parsed: chat, responses, embeddings, completions, messages
     choices: list[ChoiceRecord] = field(default_factory=list)

@@ -17,10 +17,11 @@ from sqlalchemy import or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..credentials import key_fingerprint
+from ..parse.record import APIS
 from .models import ApiKey, completions_table
 
 c = completions_table.c
-FILTER_PARAMS = ("model", "since", "until", "user", "tag", "key", "outcome", "status", "stream")
+FILTER_PARAMS = ("model", "since", "until", "user", "tag", "key", "outcome", "status", "stream", "api")
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _HASH = re.compile(r"[0-9a-f]{16}")
@@ -76,6 +77,7 @@ class Filters:
     outcome: str | None = None
     status: int | None = None
     stream: bool | None = None
+    api: str | None = None
 
 
 def _values(raw: Any) -> list[str]:
@@ -106,6 +108,9 @@ def parse_filters(params: Mapping[str, Any], now: datetime | None = None) -> Fil
     status = one("status")
     if status is not None and not (status.isdigit() and 100 <= int(status) <= 599):
         raise FilterError("status", f"expected an HTTP status code, got {status!r}")
+    api = one("api")
+    if api is not None and api not in APIS:
+        raise FilterError("api", f"expected one of {', '.join(APIS)}, got {api!r}")
     stream = one("stream")
     if stream is not None and stream.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise FilterError("stream", f"expected true or false, got {stream!r}")
@@ -119,6 +124,7 @@ def parse_filters(params: Mapping[str, Any], now: datetime | None = None) -> Fil
         outcome=one("outcome"),
         status=int(status) if status is not None else None,
         stream=stream.lower() in ("true", "1", "yes") if stream is not None else None,
+        api=api,
     )
     if filters.since and filters.until and filters.since >= filters.until:
         raise FilterError("until", "must be later than since")
@@ -184,6 +190,8 @@ def where_clauses(filters: Filters, dialect: str) -> list[ColumnElement[bool]]:
         where.append(c.outcome == filters.outcome)
     if filters.status is not None:
         where.append(c.status_code == filters.status)
+    if filters.api is not None:
+        where.append(c.api == filters.api)
     if filters.stream is not None:
         where.append(c.stream.is_(filters.stream))
     return where

@@ -80,6 +80,7 @@ class Completion(Base):
     tags: Mapped[Any | None] = mapped_column(JSON(none_as_null=True))
     error: Mapped[str | None] = mapped_column(Text)
     upstream_request_id: Mapped[str | None] = mapped_column(Text)
+    api: Mapped[str | None] = mapped_column(String(16))  # chat, responses, embeddings, completions, messages
 
     choices: Mapped[list[CompletionChoice]] = relationship(
         back_populates="completion", order_by="CompletionChoice.index", lazy="raise"

@@ -39,7 +39,7 @@ from .models import ApiKey, completions_table
 from .types import Money
 
 c = completions_table.c
-DIMENSIONS = ("model", "day", "hour", "user", "key", "tag", "provider", "upstream")
+DIMENSIONS = ("model", "day", "hour", "user", "key", "tag", "provider", "upstream", "api")
 PERCENTILES = (0.5, 0.95)
 MAX_UNION_ARMS = 200
 MAX_WANTED_RANKS = 8000
@@ -132,7 +132,7 @@ def _group(by: str, dialect: str) -> tuple[Any, Any]:
             return func.strftime("%Y-%m-%d" if by == "day" else "%Y-%m-%d %H:00", c.started_at), table
         moment = func.timezone("UTC", c.started_at)
         return func.to_char(moment, "YYYY-MM-DD" if by == "day" else "YYYY-MM-DD HH24:00"), table
-    if by in ("user", "key", "provider", "upstream"):
+    if by in ("user", "key", "provider", "upstream", "api"):
         column = c.api_key_hash if by == "key" else c[by]
         # SQLite would walk the user/key index to group without sorting, one table lookup per row, even
         # when a time filter leaves a small range: as an expression the index no longer tempts it
@@ -171,6 +171,7 @@ def _index_covers(filters: Filters) -> bool:
         or filters.key
         or filters.status is not None
         or filters.stream is not None
+        or filters.api is not None
     )
 
 
