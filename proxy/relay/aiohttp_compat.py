@@ -6,7 +6,7 @@
 aiohttp's client keeps a chunked body as one buffer entry per HTTP chunk, and `readany()` takes them
 one at a time: per entry it updates its counters and calls the protocol's `resume_reading()`, which
 feeds the parser again and resumes the transport. A streamed completion sends one HTTP chunk per SSE
-event, and a socket read under load holds ten or more of them: that per-chunk work was ~40% of the
+event, and a socket read under load holds ten or more of them: that per-chunk work dominated the
 request path's CPU per streamed call. `read_available` takes every buffered
 entry at once, with the same bookkeeping done once, and falls back to `readany()` for anything else
 (one entry, nothing buffered yet, an error, a partly read entry, a StreamReader without the

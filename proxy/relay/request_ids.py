@@ -10,7 +10,7 @@ def new_request_id() -> str:
     """A UUIDv7 (RFC 9562): millisecond time first, then 74 random bits. Time-ordered ids are appended
     at the end of the unique index instead of landing at random places in it, which keeps inserts into
     a large ledger fast, and they sort in arrival order. Built from hex digits, with the time part
-    formatted once per millisecond: integer arithmetic costs more than twice as much, on every call."""
+    formatted once per millisecond: integer arithmetic on every call costs more."""
     global _stamp
     millisecond = time.time_ns() // 1_000_000
     if millisecond != _stamp[0]:
