@@ -7,7 +7,7 @@ Parsing the request, decoding the body or the SSE stream, classifying the outcom
 little more than an unlogged one. Pure code: no I/O.
 
 A Capture is a NamedTuple because it crosses a pipe: a tuple pickles several times faster than a
-dataclass. It never holds the client's key, only its fingerprint and length (see
+dataclass. It never holds a credential the client sent, only fingerprints and lengths (see
 `credentials.redact_fingerprinted`).
 """
 
@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from ..credentials import redact_fingerprinted
 from .decoders import MAX_PARSED_BODY, BodyTap, is_identity
+from .fields import MAX_ERROR_CHARS
 from .outcome import classify
 from .record import CompletionRecord
 from .request import RequestFacts, header_user, inspect_request, parse_tags
@@ -41,7 +42,7 @@ class Capture(NamedTuple):
     upstream: str
     api: str | None  # the wire format its body is parsed as ("chat"); None: a path logged with all_paths
     api_key_hash: str | None
-    key_length: int
+    secrets: tuple[tuple[str, int], ...]  # (fingerprint, length) of every credential the request carried
     tag_headers: list[str] | None
     user_header: str | None
     request_body: bytes  # empty for a call whose request nothing parses
@@ -81,9 +82,17 @@ def _materialize(capture: Capture) -> CompletionRecord:
         record.outcome, record.error = capture.failure or ("upstream_error", "no response")
     else:
         _parse_response(capture, record, chat, facts.choices if facts is not None else 1)
-    if record.error and capture.api_key_hash:
-        record.error = redact_fingerprinted(record.error, capture.api_key_hash, capture.key_length)
+    if record.error:
+        record.error = finish_error(record.error, capture.secrets)
     return record
+
+
+def finish_error(error: str, secrets: tuple[tuple[str, int], ...]) -> str:
+    """The error as stored: every credential of the request scrubbed, then cut to MAX_ERROR_CHARS (in that
+    order: a cut through a key would leave a part of it that no fingerprint matches)."""
+    if secrets:
+        error = redact_fingerprinted(error, secrets)
+    return error[:MAX_ERROR_CHARS]
 
 
 def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expected_choices: int) -> None:

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..config import Config
-from ..credentials import bearer_key, key_fingerprint, redact_query
+from ..credentials import bearer_key, fingerprints, key_fingerprint, redact_query, redact_secrets, request_secrets
 from ..parse.capture import Capture
 from ..parse.record import CompletionRecord
 from ..parse.request import RequestFacts, inspect_request
@@ -71,7 +71,7 @@ async def _salvage(
 
 @dataclass(slots=True)
 class _Call:
-    """A logged call in flight. Stays in this process: it holds the client's key (for redaction)."""
+    """A logged call in flight. Stays in this process: it holds the client's credentials (for redaction)."""
 
     request_id: str
     started: float
@@ -79,7 +79,7 @@ class _Call:
     method: str
     path: str
     api: str | None
-    key: str | None
+    secrets: tuple[str, ...]  # every credential the request carried (credentials.request_secrets)
     key_hash: str | None
     tag_headers: list[str] | None
     user_header: str | None
@@ -110,7 +110,7 @@ class _Call:
             upstream=upstream_url,
             api=self.api,
             api_key_hash=self.key_hash,
-            key_length=len(self.key) if self.key else 0,
+            secrets=fingerprints(self.secrets) if self.secrets else (),
             tag_headers=self.tag_headers,
             user_header=self.user_header,
             request_body=self.body,
@@ -204,14 +204,17 @@ class Forwarder:
         started = time.perf_counter()
         headers = request.headers
         key = bearer_key(headers)
+        target = request.raw_path
+        secrets = request_secrets(headers, target)
+        path = redact_query(target)
         return _Call(
             new_request_id(),
             started,
             time.time(),
             method[:16],
-            redact_query(request.raw_path),
+            redact_secrets(path, secrets) if secrets else path,  # a key may sit in the path itself
             api,
-            key,
+            secrets,
             key_fingerprint(key) if key is not None else None,
             headers.getall("X-Ledger-Tags") if "X-Ledger-Tags" in headers else None,
             headers.get("X-Ledger-User"),
@@ -231,8 +234,8 @@ class Forwarder:
         if call is not None:
             self.submit(call.capture(self._upstream, (outcome, message)))
             request_id = call.request_id
-            if call.key:
-                message = message.replace(call.key, "[redacted]")
+            if call.secrets:
+                message = redact_secrets(message, call.secrets)
         code = "upstream_timeout" if status == 504 else "upstream_unreachable"
         return json_error(status, message, "proxy_error", code, request_id)
 
