@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from ..credentials import redact_fingerprinted
-from .decoders import MAX_PARSED_BODY, BodyTap, is_identity
+from .decoders import MAX_PARSED_BODY, BodyTap, decode_reads, is_identity
 from .fields import MAX_ERROR_CHARS
 from .outcome import classify
 from .record import CompletionRecord
@@ -103,10 +103,14 @@ def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expe
         return
     stream_tap: StreamTap | None = None
     body_tap: BodyTap | None = None
+    undecoded: str | None = None  # why an encoded stream was parsed only in part
     if capture.times is not None:
-        stream_tap = StreamTap(record, capture.encoding, strip_usage_chunk=False, expected_choices=expected_choices)
+        chunks, times = capture.chunks, capture.times
+        if not is_identity(capture.encoding):  # decoded first (bounded), then folded as a plain stream
+            chunks, times, undecoded = decode_reads(chunks, times, capture.encoding)
+        stream_tap = StreamTap(record, None, strip_usage_chunk=False, expected_choices=expected_choices)
         if capture.gap_at < 0:
-            stream_tap.feed_all(capture.chunks, capture.times)
+            stream_tap.feed_all(chunks, times)
         else:  # a stream over MAX_PARSED_BODY: its head, then its last reads
             gap = capture.gap_at
             stream_tap.feed_all(capture.chunks[:gap], capture.times[:gap])
@@ -122,6 +126,8 @@ def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expe
         for chunk in capture.chunks:
             body_tap.feed(chunk)
     classify(record, capture.failure, stream_tap, body_tap, chat=chat, started=capture.started)
+    if undecoded is not None and capture.failure is None:
+        record.outcome, record.error = "unparsed", undecoded
 
 
 def _tail_kept(capture: Capture) -> bool:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from ..parse import Capture, CompletionRecord, materialize
 from ..runtime import tune_garbage_collector, usable_cpus
@@ -23,6 +24,7 @@ from .ring import RingReader, in_ring
 from .summary import BatchSummary, summarize
 
 STATS_INTERVAL = 0.25
+PARSE_SLICE = 0.02  # the longest the writer parses without letting its other tasks run
 
 
 def writer_nice(workers: int, cpus: int) -> int:
@@ -88,10 +90,16 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
                 break
             if type(message) is Items:
                 # parsed as they arrive, a frame (a few ms of traffic) at a time: the raw copies are
-                # freed at once, and reading never waits behind a whole batch being parsed
+                # freed at once, and reading never waits behind a whole batch being parsed. Parsing
+                # yields every PARSE_SLICE: the recorder's writes, its guard (which spools) and the
+                # stats reports that health reads must not wait behind a frame of large responses.
+                sliced = time.perf_counter()
                 for item in message.items:
                     recorder.submit(_record(item, ring))
-                received += len(message.items)
+                    received += 1
+                    if time.perf_counter() - sliced > PARSE_SLICE:
+                        await asyncio.sleep(0)
+                        sliced = time.perf_counter()
                 await asyncio.sleep(0)  # frames queued here must not keep the recorder's writes waiting
             elif type(message) is IdleRequest:
                 task = asyncio.create_task(answer_when_idle(message.token))
