@@ -30,6 +30,7 @@ class ServerConfig:
     workers: int = 1
     max_body_size: int = 32 * 1024 * 1024
     shutdown_grace: float = 30.0
+    copy_budget_mb: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +251,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("server.host: empty")
     if config.server.max_body_size < 1:
         raise ConfigError("server.max_body_size: expected a positive number of bytes")
+    if config.server.copy_budget_mb < 1:
+        raise ConfigError(f"server.copy_budget_mb: expected at least 1, got {config.server.copy_budget_mb}")
     if config.server.shutdown_grace < 0:
         raise ConfigError(f"server.shutdown_grace: expected seconds >= 0, got {config.server.shutdown_grace}")
     if config.upstream.max_connections < 0:

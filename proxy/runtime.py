@@ -4,9 +4,12 @@ collector, and how many CPUs there are to use."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import math
 import os
+from functools import cache
 from pathlib import Path
 
 GC_YOUNG_THRESHOLD = 20_000
@@ -61,3 +64,23 @@ def _cpu_quota(cgroup: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+@cache
+def _malloc_trim() -> object | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand memory the allocator keeps after a burst back to the system (glibc's malloc_trim): freed
+    blocks scattered through its heaps otherwise keep the process at its peak size. False where the C
+    library has no such call."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)  # type: ignore[operator]
+    return True

@@ -57,6 +57,7 @@ class Capture(NamedTuple):
     overflow: bool  # the reads passed MAX_PARSED_BODY and were not all kept
     failure: tuple[str, str] | None  # (outcome, reason) when either side failed, or the proxy refused
     gap_at: int = -1  # an overflowed event stream: chunks[gap_at:] are its last reads, after a gap
+    copy_note: str | None = None  # why the request path kept less than MAX_PARSED_BODY (its copy budget)
 
 
 def materialize(capture: Capture) -> CompletionRecord:
@@ -99,7 +100,7 @@ def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expe
     record.upstream_request_id = capture.upstream_request_id
     record.stream = record.stream or capture.event_stream
     if capture.overflow and not _tail_kept(capture):  # the request path stopped keeping a copy
-        record.outcome, record.error = capture.failure or ("unparsed", OVERFLOW)
+        record.outcome, record.error = capture.failure or ("unparsed", capture.copy_note or OVERFLOW)
         return
     stream_tap: StreamTap | None = None
     body_tap: BodyTap | None = None

@@ -27,8 +27,9 @@ from ..parse.capture import Capture
 from ..parse.record import CompletionRecord
 from ..parse.request import RequestFacts, inspect_request
 from ..parse.stream_tap import StreamTap
+from ..runtime import release_free_memory
 from .aiohttp_compat import WholeBodyResponse, read_available
-from .copies import ResponseCopy, StrippedCopy
+from .copies import BUDGET_NOTE, CopyBudget, ResponseCopy, StrippedCopy
 from .policy import forwardable_request_headers, forwardable_response_headers
 from .request_ids import new_request_id
 
@@ -125,6 +126,7 @@ class _Call:
             overflow=copy.overflow if copy is not None else False,
             failure=failure,
             gap_at=copy.gap_at if copy is not None else -1,
+            copy_note=BUDGET_NOTE if copy is not None and copy.over_budget else None,
         )
 
 
@@ -142,6 +144,7 @@ class Forwarder:
         self._max_body = config.server.max_body_size
         self._all_paths = config.logging.all_paths
         self._inject_usage = config.logging.inject_stream_usage
+        self._copies = CopyBudget(config.server.copy_budget_mb * 1024 * 1024, release_free_memory)
         self.submit: Submit = _not_started
         self.session: aiohttp.ClientSession | None = None
 
@@ -279,7 +282,9 @@ class Forwarder:
         headers = forwardable_response_headers(upstream.headers)
         headers[REQUEST_ID_HEADER] = call.request_id
         keep = call.api is not None or upstream.status >= 400
-        copy = ResponseCopy(times=[] if event_stream and upstream.status < 300 and call.api is not None else None)
+        copy = ResponseCopy(
+            [] if event_stream and upstream.status < 300 and call.api is not None else None, self._copies
+        )
         tap: ResponseCopy | StrippedCopy | None = self._client_tap(call, upstream, event_stream, copy) if keep else None
         if tap is not None and tap is not copy:
             headers.popall("Content-Length", None)  # the client gets fewer bytes than the upstream sent
@@ -290,6 +295,8 @@ class Forwarder:
             upstream.close()
             self._submit_relayed(call, upstream, event_stream, headers_at, copy, DISCONNECTED)
             raise
+        finally:
+            copy.release()  # after the hand-off this does nothing; on an unexpected error it frees the budget
         self._after_failure(request, upstream, failure)
         self._submit_relayed(call, upstream, event_stream, headers_at, copy, failure)
         return response
