@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from yarl import URL
 
 from ..config import Config
 from ..credentials import bearer_key, fingerprints, key_fingerprint, redact_query, redact_secrets, request_secrets
+from ..logs import RateLimited
 from ..parse.capture import Capture
 from ..parse.record import CompletionRecord
 from ..parse.request import RequestFacts, inspect_request
@@ -40,6 +42,8 @@ DISCONNECTED = ("client_disconnected", "client disconnected")
 EPOCH = datetime.fromtimestamp(0, UTC)
 
 Submit = Callable[[Capture], None]
+# an upstream that is down or hangs under load would otherwise log a line per call
+_upstream_trouble = RateLimited(logging.getLogger("chatledger.upstream"), burst=5, period=60.0)
 
 
 def json_error(status: int, message: str, error_type: str, code: str, request_id: str | None = None) -> web.Response:
@@ -142,6 +146,7 @@ class Forwarder:
     def __init__(self, config: Config) -> None:
         self._upstream = config.upstream.url
         self._max_body = config.server.max_body_size
+        self._body_timeout = config.server.body_timeout
         self._all_paths = config.logging.all_paths
         self._inject_usage = config.logging.inject_stream_usage
         self._copies = CopyBudget(config.server.copy_budget_mb * 1024 * 1024, release_free_memory)
@@ -162,9 +167,15 @@ class Forwarder:
             if request.content_length is not None and request.content_length > self._max_body:
                 return self._too_large(call)
             try:
-                body = await request.read()
+                if request.content.is_eof():  # the usual case: the body came with the headers
+                    body = await request.read()
+                else:
+                    async with asyncio.timeout(self._body_timeout):
+                        body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._too_large(call)
+            except TimeoutError:
+                return await self._body_late(request, call)
             send = body
             if call is not None and api is not None:
                 call.body = body
@@ -232,6 +243,23 @@ class Forwarder:
             request_id = call.request_id
         return json_error(413, message, "invalid_request_error", "request_too_large", request_id)
 
+    async def _body_late(self, request: web.Request, call: _Call | None) -> web.StreamResponse:
+        """A body still incomplete after server.body_timeout (a slow or stalled client): 408, and the
+        connection is closed once it is sent (aiohttp would otherwise go on reading the body)."""
+        message = f"request body not received within {self._body_timeout:g}s (server.body_timeout)"
+        request_id = None
+        if call is not None:
+            self.submit(call.capture(self._upstream, ("rejected", message), status=408))
+            request_id = call.request_id
+        response = json_error(408, message, "invalid_request_error", "request_timeout", request_id)
+        response.force_close()
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            await response.write_eof()
+        if request.transport is not None:
+            request.transport.close()
+        return response
+
     def _failed(self, call: _Call | None, status: int, outcome: str, message: str) -> web.Response:
         request_id = None
         if call is not None:
@@ -239,6 +267,8 @@ class Forwarder:
             request_id = call.request_id
             if call.secrets:
                 message = redact_secrets(message, call.secrets)
+        if outcome != "upstream_error":  # unreachable, timeout: the operator wants to know
+            _upstream_trouble.log(logging.WARNING, "%s: %s", self._upstream, message)
         code = "upstream_timeout" if status == 504 else "upstream_unreachable"
         return json_error(status, message, "proxy_error", code, request_id)
 
@@ -324,6 +354,8 @@ class Forwarder:
             upstream.close()
             if failure[0] != "client_disconnected":
                 cls._abort(request)
+            if failure[0] == "timeout":
+                _upstream_trouble.log(logging.WARNING, "%s: %s", upstream.url.origin(), failure[1])
 
     @staticmethod
     async def _pump(

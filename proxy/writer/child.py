@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import sys
 import time
 
+from ..logs import configure as configure_logging
 from ..parse import Capture, CompletionRecord, materialize
 from ..runtime import tune_garbage_collector, usable_cpus
 from .framing import Close, FrameReader, IdleReply, IdleRequest, Items, Ready, Start, StatsReport, frame
@@ -47,11 +47,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     ring = None if start.ring_fd is None else RingReader(start.ring_fd)
     with contextlib.suppress(OSError):
         os.nice(writer_nice(config.server.workers, usable_cpus()))
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.logging)
     engine = create_engine(config.database.url)
     pricer = Pricer(engine, config.pricing.models)
     await pricer.start()
@@ -59,7 +55,9 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     received = 0  # items taken from the parent, reported so it can tell what a crash would lose
 
     recorder = BatchRecorder.from_config(
-        engine, config.database, batch_hook(pricer, lambda records: summarize(records, into=summary))
+        engine,
+        config.database,
+        batch_hook(pricer, lambda records: summarize(records, into=summary), config.logging.access_log),
     )
     await recorder.start()
     tune_garbage_collector()
