@@ -1,8 +1,9 @@
 """The client's credentials: found in a request, fingerprinted, and kept out of everything logged.
 
-The key itself never leaves the serving process. The ledger stores a fingerprint (the first 16 hex
-characters of its SHA-256), and text that may echo a key (an upstream's error message) is scrubbed
-either with the key in hand (request path) or with only its fingerprint and length (the writer).
+No credential leaves the serving process. The ledger stores the fingerprint of the primary key (the
+first 16 hex characters of its SHA-256); text that may echo any credential of the request (the path, an
+upstream's error message) is scrubbed either with the credentials in hand (request path) or with only
+their fingerprints and lengths (the writer).
 """
 
 from __future__ import annotations
