@@ -114,7 +114,8 @@ def captured_calls(count: int) -> list[Capture]:
         capture = Capture(
             request_id=new_request_id(), started_wall=wall, started=now, method="POST",
             path="/v1/chat/completions", upstream="https://api.openai.com", api="chat", api_key_hash="e9a731f2476fdd03",
-            key_length=51, tag_headers=["team=search,env=prod"], user_header=None, request_body=body,
+            secrets=(("e9a731f2476fdd03", 51),), tag_headers=["team=search,env=prod"], user_header=None,
+            request_body=body,
             status=200, upstream_request_id="req_bench_0123456789abcdef", encoding=None,
             event_stream=False, headers_at=now + took - 0.01, chunks=[response], times=None,
             finished=now + took, overflow=False, failure=None,

@@ -30,6 +30,11 @@ class ServerConfig:
     workers: int = 1
     max_body_size: int = 32 * 1024 * 1024
     shutdown_grace: float = 30.0
+    copy_budget_mb: int = 256
+    header_timeout: float = 20.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,8 @@ class LoggingConfig:
     all_paths: bool = False
     inject_stream_usage: bool = True
     level: str = "info"
+    library_level: str = "warning"
+    access_log: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,19 +257,27 @@ def validate(config: Config) -> Config:
         raise ConfigError("server.host: empty")
     if config.server.max_body_size < 1:
         raise ConfigError("server.max_body_size: expected a positive number of bytes")
+    if config.server.copy_budget_mb < 1:
+        raise ConfigError(f"server.copy_budget_mb: expected at least 1, got {config.server.copy_budget_mb}")
     if config.server.shutdown_grace < 0:
         raise ConfigError(f"server.shutdown_grace: expected seconds >= 0, got {config.server.shutdown_grace}")
     if config.upstream.max_connections < 0:
         raise ConfigError(
             f"upstream.max_connections: expected 0 (no limit) or more, got {config.upstream.max_connections}"
         )
-    if config.logging.level.lower() not in LOG_LEVELS:
-        levels = ", ".join(LOG_LEVELS)
-        raise ConfigError(f"logging.level: expected one of {levels}, got {config.logging.level!r}")
+    levels = (("logging.level", config.logging.level), ("logging.library_level", config.logging.library_level))
+    for key, level in levels:
+        if level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    if config.server.max_connections < 1:
+        raise ConfigError(f"server.max_connections: expected at least 1, got {config.server.max_connections}")
     for key, value in (
         ("upstream.connect_timeout", config.upstream.connect_timeout),
         ("upstream.read_timeout", config.upstream.read_timeout),
         ("database.write_timeout", config.database.write_timeout),
+        ("server.header_timeout", config.server.header_timeout),
+        ("server.body_timeout", config.server.body_timeout),
+        ("server.keepalive_timeout", config.server.keepalive_timeout),
     ):
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number of seconds, got {value}")

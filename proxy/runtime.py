@@ -4,12 +4,20 @@ collector, and how many CPUs there are to use."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
+import logging
 import math
 import os
+import resource
+from functools import cache
 from pathlib import Path
 
 GC_YOUNG_THRESHOLD = 20_000
+FILE_LIMIT_CEILING = 1024 * 1024  # the soft limit raised to, when the hard limit is unlimited
+RESERVED_FILES = 128  # descriptors kept for the database, the spool, the writer's pipes, logs
+log = logging.getLogger("chatledger")
 
 
 def tune_garbage_collector() -> None:
@@ -61,3 +69,50 @@ def _cpu_quota(cgroup: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+@cache
+def _malloc_trim() -> object | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand memory the allocator keeps after a burst back to the system (glibc's malloc_trim): freed
+    blocks scattered through its heaps otherwise keep the process at its peak size. False where the C
+    library has no such call."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)  # type: ignore[operator]
+    return True
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit on open files (RLIMIT_NOFILE) to the hard limit: each proxied call holds two
+    sockets, and distributions' default soft limit (1,024) caps a busy proxy far below its hard limit.
+    Returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FILE_LIMIT_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_cap(configured: int) -> int:
+    """server.max_connections, lowered so that the client connections and their upstream connections fit
+    within the file limit; at least 16."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    fits = max(16, (soft - RESERVED_FILES) // 2)
+    if fits < configured:
+        log.info("server.max_connections %d lowered to %d to fit the open-files limit (%d)", configured, fits, soft)
+    return min(configured, fits)

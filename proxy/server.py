@@ -16,7 +16,9 @@ from types import FrameType
 from aiohttp import web
 
 from .config import Config, redact_url
-from .runtime import install_uvloop, tune_garbage_collector
+from .logs import configure as configure_logging
+from .relay.server_compat import make_runner
+from .runtime import install_uvloop, raise_file_limit, tune_garbage_collector
 from .store.migrate import upgrade_url
 from .web.app import create_app
 from .web.auth import is_loopback
@@ -36,6 +38,7 @@ def run_worker(config: Config, reuse_port: bool = False) -> None:
     leftovers get EXIT_GRACE seconds, and a thread still stuck after that does not block the exit.
     """
     install_uvloop()
+    raise_file_limit()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -54,8 +57,8 @@ def run_worker(config: Config, reuse_port: bool = False) -> None:
 async def _serve_until_signalled(config: Config, reuse_port: bool) -> None:
     app = create_app(config, migrate=False)
     grace = config.server.shutdown_grace
-    runner = web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=grace, handler_cancellation=True, access_log=None
+    runner = make_runner(
+        app, config, handle_signals=False, shutdown_timeout=grace, handler_cancellation=True, access_log=None
     )
     await runner.setup()
     try:
@@ -149,9 +152,5 @@ def _run_workers(config: Config, workers: int) -> int:
 
 def _worker_main(config: Config) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.logging)
     run_worker(config, reuse_port=True)

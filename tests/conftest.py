@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.config import Config, load, normalize_database_url
+from proxy.relay.server_compat import make_runner
 from proxy.store.engine import create_engine
 from proxy.store.models import choices_table, completions_table
 from proxy.web.app import create_app
@@ -133,7 +134,7 @@ class Ledger:
 
 async def start_ledger(config: Config) -> Ledger:
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    runner = make_runner(app, config, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -28,7 +28,7 @@ from sqlalchemy import text
 
 from proxy.credentials import bearer_key, key_fingerprint
 from proxy.parse.chat_json import parse_completion_body
-from proxy.parse.fields import MAX_ERROR_CHARS, MAX_TEXT_CHARS, MAX_TOKEN_COUNT, error_text
+from proxy.parse.fields import MAX_TEXT_CHARS, MAX_TOKEN_COUNT, RAW_ERROR_CHARS, error_text
 from proxy.parse.record import CompletionRecord
 from proxy.parse.request import MAX_TAG_CHARS, MAX_TAGS, MAX_USER_CHARS, header_user, inspect_request, parse_tags
 from proxy.parse.usage import MAX_USAGE_JSON_BYTES, apply_usage
@@ -502,7 +502,8 @@ def test_error_text(value: Any, expected: str | None) -> None:
 
 
 def test_error_text_is_capped() -> None:
-    assert error_text("e" * (MAX_ERROR_CHARS * 3)) == "e" * MAX_ERROR_CHARS
+    # cut to MAX_ERROR_CHARS only once credentials are scrubbed (parse.capture.finish_error)
+    assert error_text("e" * (RAW_ERROR_CHARS * 3)) == "e" * RAW_ERROR_CHARS
 
 
 # --- request facts ------------------------------------------------------------------------------

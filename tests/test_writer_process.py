@@ -257,12 +257,12 @@ def test_redaction_by_fingerprint_finds_the_key_and_nothing_else() -> None:
     key = "sk-proj-Abc123_xyz-789"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     text = f'invalid key "{key}" (also {key}); not sk-proj-Abc123_xyz-780 nor {key[:-1]}'
-    assert redact_fingerprinted(text, fingerprint, len(key)) == (
+    assert redact_fingerprinted(text, [(fingerprint, len(key))]) == (
         'invalid key "[redacted]" (also [redacted]); not sk-proj-Abc123_xyz-780 nor ' + key[:-1]
     )
     glued = f"prefix{key}suffix"  # inside a longer run of key characters
-    assert redact_fingerprinted(glued, fingerprint, len(key)) == "prefix[redacted]suffix"
-    assert redact_fingerprinted(orjson.dumps({"k": 1}).decode(), fingerprint, len(key)) == '{"k":1}'
+    assert redact_fingerprinted(glued, [(fingerprint, len(key))]) == "prefix[redacted]suffix"
+    assert redact_fingerprinted(orjson.dumps({"k": 1}).decode(), [(fingerprint, len(key))]) == '{"k":1}'
 
 
 def test_the_writer_yields_to_serving_processes_only_while_they_leave_a_core_spare() -> None:

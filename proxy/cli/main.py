@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..config import Config, ConfigError, load
+from ..logs import configure as configure_logging
 from . import commands as run
 from .commands import CommandError, UsageError
 
@@ -156,13 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"chatledger: config error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.logging.level.upper(),  # validated by config.load
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if config.logging.level.lower() != "debug":  # serve logs one startup line, not Alembic's chatter
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(config.logging)  # libraries (Alembic, aiosqlite ...) at [logging] library_level
     handler: Callable[[argparse.Namespace, Config], int] = args.handler
     try:
         return handler(args, config)

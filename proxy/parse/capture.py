@@ -7,7 +7,7 @@ Parsing the request, decoding the body or the SSE stream, classifying the outcom
 little more than an unlogged one. Pure code: no I/O.
 
 A Capture is a NamedTuple because it crosses a pipe: a tuple pickles several times faster than a
-dataclass. It never holds the client's key, only its fingerprint and length (see
+dataclass. It never holds a credential the client sent, only fingerprints and lengths (see
 `credentials.redact_fingerprinted`).
 """
 
@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from ..credentials import redact_fingerprinted
-from .decoders import MAX_PARSED_BODY, BodyTap, is_identity
+from .decoders import MAX_PARSED_BODY, BodyTap, decode_reads, is_identity
+from .fields import MAX_ERROR_CHARS
 from .outcome import classify
 from .record import CompletionRecord
 from .request import RequestFacts, header_user, inspect_request, parse_tags
@@ -41,7 +42,7 @@ class Capture(NamedTuple):
     upstream: str
     api: str | None  # the wire format its body is parsed as ("chat"); None: a path logged with all_paths
     api_key_hash: str | None
-    key_length: int
+    secrets: tuple[tuple[str, int], ...]  # (fingerprint, length) of every credential the request carried
     tag_headers: list[str] | None
     user_header: str | None
     request_body: bytes  # empty for a call whose request nothing parses
@@ -56,6 +57,7 @@ class Capture(NamedTuple):
     overflow: bool  # the reads passed MAX_PARSED_BODY and were not all kept
     failure: tuple[str, str] | None  # (outcome, reason) when either side failed, or the proxy refused
     gap_at: int = -1  # an overflowed event stream: chunks[gap_at:] are its last reads, after a gap
+    copy_note: str | None = None  # why the request path kept less than MAX_PARSED_BODY (its copy budget)
 
 
 def materialize(capture: Capture) -> CompletionRecord:
@@ -81,23 +83,35 @@ def _materialize(capture: Capture) -> CompletionRecord:
         record.outcome, record.error = capture.failure or ("upstream_error", "no response")
     else:
         _parse_response(capture, record, chat, facts.choices if facts is not None else 1)
-    if record.error and capture.api_key_hash:
-        record.error = redact_fingerprinted(record.error, capture.api_key_hash, capture.key_length)
+    if record.error:
+        record.error = finish_error(record.error, capture.secrets)
     return record
+
+
+def finish_error(error: str, secrets: tuple[tuple[str, int], ...]) -> str:
+    """The error as stored: every credential of the request scrubbed, then cut to MAX_ERROR_CHARS (in that
+    order: a cut through a key would leave a part of it that no fingerprint matches)."""
+    if secrets:
+        error = redact_fingerprinted(error, secrets)
+    return error[:MAX_ERROR_CHARS]
 
 
 def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expected_choices: int) -> None:
     record.upstream_request_id = capture.upstream_request_id
     record.stream = record.stream or capture.event_stream
     if capture.overflow and not _tail_kept(capture):  # the request path stopped keeping a copy
-        record.outcome, record.error = capture.failure or ("unparsed", OVERFLOW)
+        record.outcome, record.error = capture.failure or ("unparsed", capture.copy_note or OVERFLOW)
         return
     stream_tap: StreamTap | None = None
     body_tap: BodyTap | None = None
+    undecoded: str | None = None  # why an encoded stream was parsed only in part
     if capture.times is not None:
-        stream_tap = StreamTap(record, capture.encoding, strip_usage_chunk=False, expected_choices=expected_choices)
+        chunks, times = capture.chunks, capture.times
+        if not is_identity(capture.encoding):  # decoded first (bounded), then folded as a plain stream
+            chunks, times, undecoded = decode_reads(chunks, times, capture.encoding)
+        stream_tap = StreamTap(record, None, strip_usage_chunk=False, expected_choices=expected_choices)
         if capture.gap_at < 0:
-            stream_tap.feed_all(capture.chunks, capture.times)
+            stream_tap.feed_all(chunks, times)
         else:  # a stream over MAX_PARSED_BODY: its head, then its last reads
             gap = capture.gap_at
             stream_tap.feed_all(capture.chunks[:gap], capture.times[:gap])
@@ -113,6 +127,8 @@ def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expe
         for chunk in capture.chunks:
             body_tap.feed(chunk)
     classify(record, capture.failure, stream_tap, body_tap, chat=chat, started=capture.started)
+    if undecoded is not None and capture.failure is None:
+        record.outcome, record.error = "unparsed", undecoded
 
 
 def _tail_kept(capture: Capture) -> bool:

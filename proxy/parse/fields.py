@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 
 MAX_TOKEN_COUNT = 2**62
-MAX_ERROR_CHARS = 1000
+MAX_ERROR_CHARS = 1000  # as stored; parse.capture.finish_error cuts it there, after scrubbing credentials
+RAW_ERROR_CHARS = MAX_ERROR_CHARS + 4096  # what parsing keeps: room for a key that straddles the cut
 MAX_TEXT_CHARS = 1000
 
 
@@ -107,7 +108,7 @@ def error_text(value: Any) -> str | None:
         return None
     else:
         message = str(value)
-    message = clean_text(message).strip()
-    return message[:MAX_ERROR_CHARS] if message else None
+    message = clean_text(message[:RAW_ERROR_CHARS]).strip()
+    return message or None
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from .chat_json import parse_completion_body
 from .decoders import BodyTap
+from .fields import RAW_ERROR_CHARS
 from .record import CompletionRecord
 from .stream_tap import StreamTap
 
-ERROR_SNIPPET_CHARS = 300
-
 
 def error_summary(status: int, body: bytes | None) -> str:
+    """`HTTP 502: <the body's start>`; cut to its stored length only after credentials are scrubbed."""
     if body:
-        text = " ".join(body[: ERROR_SNIPPET_CHARS * 4].decode("utf-8", "replace").split())
+        text = " ".join(body[:RAW_ERROR_CHARS].decode("utf-8", "replace").split())
         if text:
-            return f"HTTP {status}: {text[:ERROR_SNIPPET_CHARS]}"
+            return f"HTTP {status}: {text}"
     return f"HTTP {status}"
 
 

@@ -7,12 +7,10 @@ request path; whatever cannot be decoded is noted and left for the record.
 
 from __future__ import annotations
 
-import zlib
-
 import orjson
 
 from .chat_stream import StreamFolder
-from .decoders import UnsupportedEncoding, make_decompressor
+from .decoders import DecodeError, UnsupportedEncoding, bounded_decoder
 from .record import CompletionRecord
 from .sse import SSEDecoder, SSEEvent
 from .stream_bytes import chunk_may_matter, first_empty_array, may_hold_empty_array, quiet_prefix
@@ -21,6 +19,14 @@ MAX_HELD_BYTES = 1024 * 1024
 SETTLE_BYTES = 2048  # a read longer than twice this is fed in two parts: the first may settle the fold
 SETTLE_BLOCKS = 16  # feed_all: events of one read fed one by one before the fold settles
 TAIL_BYTES = 2048  # what feed_all parses at least of a settled stream of unusual shape: finish, usage, [DONE]
+# The writer's work per response is bounded: past FOLD_BUDGET_BYTES decoded and parsed (or
+# FOLD_BUDGET_EVENTS events), the middle of a stream is skipped and only its last FOLD_TAIL_BYTES (finish
+# reasons, usage) are parsed. Streams of the usual shape never get near it: once settled, their plain
+# deltas are skipped without parsing.
+FOLD_BUDGET_BYTES = 512 * 1024
+FOLD_BUDGET_EVENTS = 20_000
+FOLD_TAIL_BYTES = 64 * 1024
+FOLD_PIECE = 64 * 1024  # reads are fed in pieces about this long, so the budget is checked often enough
 
 
 def _names_provider(data: bytes) -> bool:
@@ -43,6 +49,7 @@ class StreamTap:
     __slots__ = (
         "_cr_drop",
         "_decoder",
+        "_folded",
         "_held",
         "_held_start",
         "_quiet",
@@ -50,6 +57,7 @@ class StreamTap:
         "_sse",
         "_strip",
         "_strip_only",
+        "decode_failure",
         "first_content_at",
         "first_event_at",
         "folder",
@@ -71,8 +79,10 @@ class StreamTap:
         self._strip_only = strip_only
         self._sse = SSEDecoder()
         self._readable = True
+        self.decode_failure: str | None = None  # why an encoded stream stopped being decoded
+        self._folded = 0  # bytes decoded and parsed (see FOLD_BUDGET_BYTES)
         try:
-            self._decoder = make_decompressor(encoding)
+            self._decoder = bounded_decoder(encoding)
         except UnsupportedEncoding:
             self._decoder = None
             self._readable = False  # cannot read it: passthrough only
@@ -158,13 +168,19 @@ class StreamTap:
     def _decode(self, chunk: bytes, now: float) -> bytes:
         drops: list[SSEEvent] = []
         if self._readable:
+            self._folded += len(chunk)
             data = chunk
-            if self._decoder is not None:
+            decoder = self._decoder
+            if decoder is not None:
                 try:
-                    data = self._decoder.decompress(chunk)
-                except (zlib.error, OSError, ValueError):
+                    data = decoder.decode(chunk)
+                except DecodeError as exc:
                     self._readable = False
+                    self.decode_failure = f"event stream could not be decoded ({exc})"
                     data = b""
+                if decoder.over:  # bounded per response: a compression bomb stops here
+                    self._readable = False
+                    self.decode_failure = f"event stream over {decoder.limit // (1024 * 1024)} MiB once decoded"
             for event in self._sse.feed(data):
                 self._event(event, now, drops)
         if not self._strip:
@@ -205,13 +221,55 @@ class StreamTap:
                     start = end
             if start:
                 chunk = chunk[start:]
-            if folder.settled:
-                pending = [chunk, *chunks[index + 1 :]]
-                break
-            self.feed(chunk, at)
+            if not folder.settled and not self._spent:
+                chunk = self._feed_pieces(chunk, at, until_settled=True)
+                if not chunk:
+                    continue
+            pending = [chunk, *chunks[index + 1 :]]
+            break
         if not pending:
             return
-        self._fold_settled(pending[0] if len(pending) == 1 else b"".join(pending), times[-1])
+        rest = pending[0] if len(pending) == 1 else b"".join(pending)
+        if self._spent:
+            self._fold_tail(rest, times[-1])
+        else:
+            self._fold_settled(rest, times[-1])
+
+    @property
+    def _spent(self) -> bool:
+        """The fold budget of this response is used up (see FOLD_BUDGET_BYTES)."""
+        return self._folded > FOLD_BUDGET_BYTES or self.folder.data_events > FOLD_BUDGET_EVENTS
+
+    def _feed_pieces(self, data: bytes, now: float, until_settled: bool = False) -> bytes:
+        """Feed data in pieces of about FOLD_PIECE (cut after a block) while the budget lasts (and, with
+        until_settled, until the fold settles); returns what was not fed."""
+        if len(data) <= FOLD_PIECE:
+            self.feed(data, now)
+            return b""
+        position = 0
+        while position < len(data):
+            if self._spent or (until_settled and self.folder.settled):
+                return data[position:]
+            end = data.find(b"\n\n", position + FOLD_PIECE) + 2
+            end = len(data) if end < 2 else end
+            self.feed(data[position:end], now)
+            position = end
+        return b""
+
+    def _fold_tail(self, rest: bytes, now: float) -> None:
+        """The budget is spent: fold only the last FOLD_TAIL_BYTES of the stream, from a block boundary."""
+        if self._decoder is not None or not self._readable:
+            return
+        if len(rest) > FOLD_TAIL_BYTES:
+            rest = rest[-FOLD_TAIL_BYTES:]
+            start = rest.find(b"\n\n") + 2
+            if start < 2:
+                return
+            rest = rest[start:]
+            self._sse.restart()
+        elif not self._sse.at_boundary:
+            self._sse.restart()
+        self.feed(rest, now)
 
     def resume_after_gap(self, data: bytes, now: float) -> None:
         """Fold the last reads of a stream whose middle was not kept (over MAX_PARSED_BODY): decoding
@@ -220,11 +278,14 @@ class StreamTap:
         if start < 2 or self._decoder is not None:
             return
         self._sse.restart()
-        self._fold_settled(data[start:], now)
+        if self._spent:
+            self._fold_tail(data[start:], now)
+        else:
+            self._fold_settled(data[start:], now)
 
     def _fold_settled(self, rest: bytes, now: float) -> None:
-        """Fold the rest of a stream in one piece: only its last blocks when stream_bytes.quiet_prefix
-        proves the part before them changes nothing."""
+        """Fold the rest of a stream: only its last blocks when stream_bytes.quiet_prefix proves the part
+        before them changes nothing; within the fold budget, then only its tail."""
         if self._decoder is None and self._readable and not self._strip and len(rest) > TAIL_BYTES:
             if not self._sse.at_boundary:  # finish the event a read cut in two
                 end = rest.find(b"\n\n") + 2
@@ -235,7 +296,12 @@ class StreamTap:
             if cut:
                 self._sse.advance(cut)
                 rest = rest[cut:]
-        self.feed(rest, now)
+        if self._strip:
+            self.feed(rest, now)
+            return
+        rest = self._feed_pieces(rest, now)
+        if rest:
+            self._fold_tail(rest, now)
 
     def close(self, now: float, complete: bool = True) -> bytes:
         """End of stream: fold a trailing unterminated event; returns any bytes still held back.

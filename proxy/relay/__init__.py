@@ -2,7 +2,8 @@
 
 - handler.py         the catch-all route's handler (Forwarder) and the Capture it submits
 - policy.py          which headers pass in each direction, which targets are refused
-- copies.py          the bounded copy of a response kept for the writer
+- copies.py          the bounded copy of a response kept for the writer, and the budget all copies share
 - request_ids.py     UUIDv7 request ids
 - aiohttp_compat.py  the aiohttp internals the relay relies on, in one tested place
+- server_compat.py   the aiohttp server internals behind the connection limits (timeouts, cap, bad requests)
 """

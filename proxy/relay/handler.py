@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,13 +23,15 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..config import Config
-from ..credentials import bearer_key, key_fingerprint, redact_query
+from ..credentials import bearer_key, fingerprints, key_fingerprint, redact_query, redact_secrets, request_secrets
+from ..logs import RateLimited
 from ..parse.capture import Capture
 from ..parse.record import CompletionRecord
 from ..parse.request import RequestFacts, inspect_request
 from ..parse.stream_tap import StreamTap
+from ..runtime import release_free_memory
 from .aiohttp_compat import WholeBodyResponse, read_available
-from .copies import ResponseCopy, StrippedCopy
+from .copies import BUDGET_NOTE, CopyBudget, ResponseCopy, StrippedCopy
 from .policy import forwardable_request_headers, forwardable_response_headers
 from .request_ids import new_request_id
 
@@ -39,6 +42,8 @@ DISCONNECTED = ("client_disconnected", "client disconnected")
 EPOCH = datetime.fromtimestamp(0, UTC)
 
 Submit = Callable[[Capture], None]
+# an upstream that is down or hangs under load would otherwise log a line per call
+_upstream_trouble = RateLimited(logging.getLogger("chatledger.upstream"), burst=5, period=60.0)
 
 
 def json_error(status: int, message: str, error_type: str, code: str, request_id: str | None = None) -> web.Response:
@@ -71,7 +76,7 @@ async def _salvage(
 
 @dataclass(slots=True)
 class _Call:
-    """A logged call in flight. Stays in this process: it holds the client's key (for redaction)."""
+    """A logged call in flight. Stays in this process: it holds the client's credentials (for redaction)."""
 
     request_id: str
     started: float
@@ -79,7 +84,7 @@ class _Call:
     method: str
     path: str
     api: str | None
-    key: str | None
+    secrets: tuple[str, ...]  # every credential the request carried (credentials.request_secrets)
     key_hash: str | None
     tag_headers: list[str] | None
     user_header: str | None
@@ -110,7 +115,7 @@ class _Call:
             upstream=upstream_url,
             api=self.api,
             api_key_hash=self.key_hash,
-            key_length=len(self.key) if self.key else 0,
+            secrets=fingerprints(self.secrets) if self.secrets else (),
             tag_headers=self.tag_headers,
             user_header=self.user_header,
             request_body=self.body,
@@ -125,6 +130,7 @@ class _Call:
             overflow=copy.overflow if copy is not None else False,
             failure=failure,
             gap_at=copy.gap_at if copy is not None else -1,
+            copy_note=BUDGET_NOTE if copy is not None and copy.over_budget else None,
         )
 
 
@@ -140,8 +146,10 @@ class Forwarder:
     def __init__(self, config: Config) -> None:
         self._upstream = config.upstream.url
         self._max_body = config.server.max_body_size
+        self._body_timeout = config.server.body_timeout
         self._all_paths = config.logging.all_paths
         self._inject_usage = config.logging.inject_stream_usage
+        self._copies = CopyBudget(config.server.copy_budget_mb * 1024 * 1024, release_free_memory)
         self.submit: Submit = _not_started
         self.session: aiohttp.ClientSession | None = None
 
@@ -159,9 +167,15 @@ class Forwarder:
             if request.content_length is not None and request.content_length > self._max_body:
                 return self._too_large(call)
             try:
-                body = await request.read()
+                if request.content.is_eof():  # the usual case: the body came with the headers
+                    body = await request.read()
+                else:
+                    async with asyncio.timeout(self._body_timeout):
+                        body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._too_large(call)
+            except TimeoutError:
+                return await self._body_late(request, call)
             send = body
             if call is not None and api is not None:
                 call.body = body
@@ -204,14 +218,17 @@ class Forwarder:
         started = time.perf_counter()
         headers = request.headers
         key = bearer_key(headers)
+        target = request.raw_path
+        secrets = request_secrets(headers, target)
+        path = redact_query(target)
         return _Call(
             new_request_id(),
             started,
             time.time(),
             method[:16],
-            redact_query(request.raw_path),
+            redact_secrets(path, secrets) if secrets else path,  # a key may sit in the path itself
             api,
-            key,
+            secrets,
             key_fingerprint(key) if key is not None else None,
             headers.getall("X-Ledger-Tags") if "X-Ledger-Tags" in headers else None,
             headers.get("X-Ledger-User"),
@@ -226,13 +243,32 @@ class Forwarder:
             request_id = call.request_id
         return json_error(413, message, "invalid_request_error", "request_too_large", request_id)
 
+    async def _body_late(self, request: web.Request, call: _Call | None) -> web.StreamResponse:
+        """A body still incomplete after server.body_timeout (a slow or stalled client): 408, and the
+        connection is closed once it is sent (aiohttp would otherwise go on reading the body)."""
+        message = f"request body not received within {self._body_timeout:g}s (server.body_timeout)"
+        request_id = None
+        if call is not None:
+            self.submit(call.capture(self._upstream, ("rejected", message), status=408))
+            request_id = call.request_id
+        response = json_error(408, message, "invalid_request_error", "request_timeout", request_id)
+        response.force_close()
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            await response.write_eof()
+        if request.transport is not None:
+            request.transport.close()
+        return response
+
     def _failed(self, call: _Call | None, status: int, outcome: str, message: str) -> web.Response:
         request_id = None
         if call is not None:
             self.submit(call.capture(self._upstream, (outcome, message)))
             request_id = call.request_id
-            if call.key:
-                message = message.replace(call.key, "[redacted]")
+            if call.secrets:
+                message = redact_secrets(message, call.secrets)
+        if outcome != "upstream_error":  # unreachable, timeout: the operator wants to know
+            _upstream_trouble.log(logging.WARNING, "%s: %s", self._upstream, message)
         code = "upstream_timeout" if status == 504 else "upstream_unreachable"
         return json_error(status, message, "proxy_error", code, request_id)
 
@@ -276,7 +312,9 @@ class Forwarder:
         headers = forwardable_response_headers(upstream.headers)
         headers[REQUEST_ID_HEADER] = call.request_id
         keep = call.api is not None or upstream.status >= 400
-        copy = ResponseCopy(times=[] if event_stream and upstream.status < 300 and call.api is not None else None)
+        copy = ResponseCopy(
+            [] if event_stream and upstream.status < 300 and call.api is not None else None, self._copies
+        )
         tap: ResponseCopy | StrippedCopy | None = self._client_tap(call, upstream, event_stream, copy) if keep else None
         if tap is not None and tap is not copy:
             headers.popall("Content-Length", None)  # the client gets fewer bytes than the upstream sent
@@ -287,6 +325,8 @@ class Forwarder:
             upstream.close()
             self._submit_relayed(call, upstream, event_stream, headers_at, copy, DISCONNECTED)
             raise
+        finally:
+            copy.release()  # after the hand-off this does nothing; on an unexpected error it frees the budget
         self._after_failure(request, upstream, failure)
         self._submit_relayed(call, upstream, event_stream, headers_at, copy, failure)
         return response
@@ -314,6 +354,8 @@ class Forwarder:
             upstream.close()
             if failure[0] != "client_disconnected":
                 cls._abort(request)
+            if failure[0] == "timeout":
+                _upstream_trouble.log(logging.WARNING, "%s: %s", upstream.url.origin(), failure[1])
 
     @staticmethod
     async def _pump(

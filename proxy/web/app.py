@@ -50,7 +50,8 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
     if config.database.writer == "process":
         recorder = RecorderLink(config, metrics.apply)
     else:
-        recorder = BatchRecorder.from_config(app[ENGINE], config.database, batch_hook(app[PRICER], metrics.observe))
+        hook = batch_hook(app[PRICER], metrics.observe, config.logging.access_log)
+        recorder = BatchRecorder.from_config(app[ENGINE], config.database, hook)
     await recorder.start()
     metrics.watch(recorder)
     app[RECORDER] = recorder

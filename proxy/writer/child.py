@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import sys
+import time
 
+from ..logs import configure as configure_logging
 from ..parse import Capture, CompletionRecord, materialize
 from ..runtime import tune_garbage_collector, usable_cpus
 from .framing import Close, FrameReader, IdleReply, IdleRequest, Items, Ready, Start, StatsReport, frame
@@ -23,6 +24,7 @@ from .ring import RingReader, in_ring
 from .summary import BatchSummary, summarize
 
 STATS_INTERVAL = 0.25
+PARSE_SLICE = 0.02  # the longest the writer parses without letting its other tasks run
 
 
 def writer_nice(workers: int, cpus: int) -> int:
@@ -45,11 +47,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     ring = None if start.ring_fd is None else RingReader(start.ring_fd)
     with contextlib.suppress(OSError):
         os.nice(writer_nice(config.server.workers, usable_cpus()))
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.logging)
     engine = create_engine(config.database.url)
     pricer = Pricer(engine, config.pricing.models)
     await pricer.start()
@@ -57,7 +55,9 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     received = 0  # items taken from the parent, reported so it can tell what a crash would lose
 
     recorder = BatchRecorder.from_config(
-        engine, config.database, batch_hook(pricer, lambda records: summarize(records, into=summary))
+        engine,
+        config.database,
+        batch_hook(pricer, lambda records: summarize(records, into=summary), config.logging.access_log),
     )
     await recorder.start()
     tune_garbage_collector()
@@ -88,10 +88,16 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
                 break
             if type(message) is Items:
                 # parsed as they arrive, a frame (a few ms of traffic) at a time: the raw copies are
-                # freed at once, and reading never waits behind a whole batch being parsed
+                # freed at once, and reading never waits behind a whole batch being parsed. Parsing
+                # yields every PARSE_SLICE: the recorder's writes, its guard (which spools) and the
+                # stats reports that health reads must not wait behind a frame of large responses.
+                sliced = time.perf_counter()
                 for item in message.items:
                     recorder.submit(_record(item, ring))
-                received += len(message.items)
+                    received += 1
+                    if time.perf_counter() - sliced > PARSE_SLICE:
+                        await asyncio.sleep(0)
+                        sliced = time.perf_counter()
                 await asyncio.sleep(0)  # frames queued here must not keep the recorder's writes waiting
             elif type(message) is IdleRequest:
                 task = asyncio.create_task(answer_when_idle(message.token))

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import Config, default_spool_dir
 from ..parse import Capture, CompletionRecord, materialize
+from ..parse.decoders import is_identity
 from .framing import Close, IdleReply, IdleRequest, Items, Ready, Start, StatsReport, frame, read_frame, widen_pipe
 from .protocol import WriterStats
 from .ring import RingWriter, in_ring, make_ring_writer, via_ring
@@ -214,7 +215,12 @@ class RecorderLink:
         items, self._outbox = self._outbox, []
         self._sent += len(items)
         if self._behind():
-            raw = [index for index, item in enumerate(items) if type(item) is Capture and not in_ring(item)]
+            # an encoded response is left to the child: decoding one costs far more than its size here
+            raw = [
+                index
+                for index, item in enumerate(items)
+                if type(item) is Capture and not in_ring(item) and is_identity(item.encoding)
+            ]
             for index in raw:
                 items[index] = materialize(items[index])
             self.calls_parsed_here += len(raw)

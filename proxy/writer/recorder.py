@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..config import DatabaseConfig, default_spool_dir
+from ..logs import log_access
 from ..parse import Capture, CompletionRecord, materialize
 from ..store.insert import BatchWriter
 from ..store.rows import record_to_row
@@ -59,14 +60,19 @@ class _Pricer(Protocol):
     def apply(self, records: Sequence[CompletionRecord]) -> None: ...
 
 
-def batch_hook(pricer: _Pricer, count: Callable[[list[CompletionRecord]], Any]) -> OnBatch:
-    """The writer's hook, once per batch before inserting: cost from the price book, then the metrics."""
+def batch_hook(
+    pricer: _Pricer, count: Callable[[list[CompletionRecord]], Any], access_log: bool = False
+) -> OnBatch:
+    """The writer's hook, once per batch before inserting: cost from the price book, then the metrics,
+    then (with [logging] access_log) one access log line per call."""
 
     def on_batch(records: list[CompletionRecord]) -> None:
         try:
             pricer.apply(records)
         finally:
             count(records)
+            if access_log:
+                log_access(records)
 
     return on_batch
 
