@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from ..credentials import redact_fingerprinted
 from .decoders import MAX_PARSED_BODY, BodyTap, is_identity
+from .formats import FORMATS, WireFormat
 from .outcome import classify
 from .record import CompletionRecord
 from .request import RequestFacts, header_user, inspect_request, parse_tags
@@ -39,7 +40,7 @@ class Capture(NamedTuple):
     method: str
     path: str  # the request target, credentials in its query redacted
     upstream: str
-    api: str | None  # the wire format its body is parsed as ("chat"); None: a path logged with all_paths
+    api: str | None  # the wire format its body is parsed as (formats.FORMATS); None: a path logged with all_paths
     api_key_hash: str | None
     key_length: int
     tag_headers: list[str] | None
@@ -72,21 +73,23 @@ def materialize(capture: Capture) -> CompletionRecord:
 
 
 def _materialize(capture: Capture) -> CompletionRecord:
-    chat = capture.api == "chat"
-    facts = inspect_request(capture.request_body, inject_usage=False) if chat else None
+    wire = FORMATS.get(capture.api) if capture.api is not None else None
+    facts = inspect_request(capture.request_body, inject_usage=False) if wire is not None else None
     record = new_record(capture, facts)
     record.status_code = capture.status
     record.duration_ms = round((capture.finished - capture.started) * 1000, 3)
     if capture.headers_at is None:  # refused by the proxy, or no answer from the upstream
         record.outcome, record.error = capture.failure or ("upstream_error", "no response")
     else:
-        _parse_response(capture, record, chat, facts.choices if facts is not None else 1)
+        _parse_response(capture, record, wire, facts.choices if facts is not None else 1)
     if record.error and capture.api_key_hash:
         record.error = redact_fingerprinted(record.error, capture.api_key_hash, capture.key_length)
     return record
 
 
-def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expected_choices: int) -> None:
+def _parse_response(
+    capture: Capture, record: CompletionRecord, wire: WireFormat | None, expected_choices: int
+) -> None:
     record.upstream_request_id = capture.upstream_request_id
     record.stream = record.stream or capture.event_stream
     if capture.overflow and not _tail_kept(capture):  # the request path stopped keeping a copy
@@ -94,8 +97,9 @@ def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expe
         return
     stream_tap: StreamTap | None = None
     body_tap: BodyTap | None = None
-    if capture.times is not None:
-        stream_tap = StreamTap(record, capture.encoding, strip_usage_chunk=False, expected_choices=expected_choices)
+    if capture.times is not None and wire is not None and wire.new_folder is not None:
+        folder = wire.new_folder(record, expected_choices)
+        stream_tap = StreamTap(record, capture.encoding, strip_usage_chunk=False, folder=folder)
         if capture.gap_at < 0:
             stream_tap.feed_all(capture.chunks, capture.times)
         else:  # a stream over MAX_PARSED_BODY: its head, then its last reads
@@ -112,7 +116,7 @@ def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expe
         body_tap = BodyTap(capture.encoding)
         for chunk in capture.chunks:
             body_tap.feed(chunk)
-    classify(record, capture.failure, stream_tap, body_tap, chat=chat, started=capture.started)
+    classify(record, capture.failure, stream_tap, body_tap, wire, started=capture.started)
 
 
 def _tail_kept(capture: Capture) -> bool:
