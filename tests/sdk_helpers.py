@@ -100,14 +100,18 @@ def openai_client(base_url: str, tee: Tee, scenario: str, **headers: str) -> ope
 
 
 def anthropic_client(base_url: str, tee: Tee, scenario: str, *, bearer: bool = False) -> anthropic.AsyncAnthropic:
-    """Anthropic's client: the key in x-api-key, or as a bearer token (OpenRouter's Anthropic endpoint)."""
-    credentials: dict[str, Any] = {"auth_token": KEY} if bearer else {"api_key": KEY}
+    """Anthropic's client with the key in `x-api-key` (as Anthropic's API takes it, and as Claude Code
+    and earlier SDKs send it), or as a bearer token (`auth_token`: OpenRouter's Anthropic endpoint)."""
+    headers = {"X-Fake-Scenario": scenario}
+    if not bearer:
+        headers["x-api-key"] = KEY
     return anthropic.AsyncAnthropic(
         base_url=base_url,
+        api_key=None,
+        auth_token=KEY if bearer else None,
         max_retries=0,
-        default_headers={"X-Fake-Scenario": scenario},
+        default_headers=headers,
         http_client=httpx2.AsyncClient(transport=tee),
-        **credentials,
     )
 
 
