@@ -15,7 +15,21 @@ from .fields import error_text
 from .messages import apply_message_meta, apply_stop_reason
 from .usage import apply_messages_usage
 
-MAX_USAGE_FIELDS = 64
+MAX_USAGE_FIELDS = 64  # other fields merged at most; the ones the ledger reads always are
+READ_FIELDS = frozenset(
+    {
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "cache_creation",
+        "output_tokens_details",
+        "service_tier",
+        "cost",
+        "is_byok",
+        "cost_details",
+    }
+)
 
 
 class MessagesFolder(EventFolder):
@@ -35,7 +49,7 @@ class MessagesFolder(EventFolder):
             return
         merged = self.usage if self.usage is not None else {}
         for key, value in usage.items():
-            if value is not None and (key in merged or len(merged) < MAX_USAGE_FIELDS):
+            if value is not None and (key in merged or key in READ_FIELDS or len(merged) < MAX_USAGE_FIELDS):
                 merged[key] = value
         self.usage = merged
 
