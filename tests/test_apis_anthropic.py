@@ -90,6 +90,7 @@ async def test_messages_create(ledger: Ledger, upstream: FakeUpstream) -> None:
     assert (row["completion_id"], row["object"], row["model"]) == (MESSAGE_ID, "message", MESSAGE_MODEL)
     assert (row["requested_model"], row["service_tier"]) == ("claude-sonnet-4-5", "standard")
     assert (row["user"], row["api_key_hash"]) == ("user-42", KEY_HASH)  # the x-api-key, fingerprinted
+    assert KEY not in repr(row)
     assert row["upstream_request_id"] == "req_011CSHoEeqs5C35K2UUqR7Fy"
     assert tokens(row) == expected_tokens(MESSAGE_USAGE)
     assert row["usage"] == MESSAGE_USAGE

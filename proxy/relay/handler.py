@@ -142,6 +142,7 @@ class Forwarder:
 
     def __init__(self, config: Config) -> None:
         self._routes = Routes(config)
+        self._default = self._routes.default
         self._routed = bool(self._routes.routes)
         self._max_body = config.server.max_body_size
         self._all_paths = config.logging.all_paths
@@ -158,7 +159,7 @@ class Forwarder:
             return json_error(400, reason, "invalid_request_error", "proxy_refused")
         method = request.method
         target = request.raw_path
-        route = self._routes.default
+        route = self._default
         if self._routed:
             route, target = self._routes.pick(target)
         api = api_of(method, request.path)
