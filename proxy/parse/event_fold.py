@@ -86,7 +86,14 @@ class EventFolder:
         return not any(marker in blocks for marker in self.MARKERS)
 
     def quiet_prefix(self, data: bytes, keep: int) -> int:
-        """How many leading bytes of the rest of a stream (whole blocks) change nothing; all but the
-        last `keep` bytes at most."""
-        cut = data.rfind(b"\n\n", 0, len(data) - keep) + 2
-        return cut if cut >= 2 and self.quiet(data[:cut]) else 0
+        """How many leading bytes of the rest of a stream (whole blocks) change nothing: the blocks before
+        the first marker (every event the fold needs holds one, so nothing need be kept for the end)."""
+        if not self.settled:
+            return 0
+        first = data.find(_ESCAPE)
+        first = len(data) if first < 0 else first
+        for marker in self.MARKERS:
+            at = data.find(marker, 0, first)
+            if at >= 0:
+                first = at
+        return data.rfind(b"\n\n", 0, first) + 2
