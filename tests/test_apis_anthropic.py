@@ -29,8 +29,19 @@ from .api_payloads import (
     message_body,
     message_stream,
 )
-from .conftest import Ledger
-from .sdk_helpers import KEY, KEY_HASH, PRICES, Tee, anthropic_client, choices, priced_ledger, tokens, usd
+from .conftest import Ledger, start_ledger
+from .sdk_helpers import (
+    KEY,
+    KEY_HASH,
+    PRICES,
+    Tee,
+    anthropic_client,
+    choices,
+    priced_config,
+    priced_ledger,
+    tokens,
+    usd,
+)
 from .upstream import FakeUpstream, json_reply, sse_reply
 
 ASK = {"max_tokens": 1024, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
@@ -231,3 +242,27 @@ async def test_openrouter_anthropic_compatible_endpoint(ledger: Ledger, upstream
     assert row["upstream_request_id"] == "gen-1756500000-Msg9"
     assert tokens(row) == expected_tokens(MESSAGE_USAGE)
     assert row["cost"] == expected_cost(MESSAGE_USAGE, "anthropic/*")
+
+
+async def test_the_writer_process_parses_messages_streams(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    """The default writer (a process of its own) folds the stream from the capture it is sent."""
+    config = priced_config(upstream.url, database_url, tmp_path, database={"writer": "process"})
+    proxy = await start_ledger(config)
+    try:
+        upstream.add("s", sse_reply(MESSAGE_STREAM))
+        tee = Tee()
+        async with (
+            anthropic_client(proxy.url, tee, "s") as client,
+            client.messages.stream(model="claude-sonnet-4-5", **ASK) as stream,  # type: ignore[arg-type]
+        ):
+            await stream.get_final_message()
+        assert tee.body == MESSAGE_STREAM
+        row = await proxy.row()
+    finally:
+        await proxy.stop()
+    usage = merged_stream_usage()
+    assert (row["api"], row["outcome"], row["completion_id"]) == ("messages", "ok", MESSAGE_ID)
+    assert tokens(row) == expected_tokens(usage)
+    assert row["cost"] == expected_cost(usage)
