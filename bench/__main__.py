@@ -1,6 +1,7 @@
 """`python -m bench`: upstream, bare passthrough and chatledger side by side, loaded A B, B A, one table.
 
-Each mode (non-streaming `json`, then `stream`) starts its own upstream, the passthrough and one
+Each mode (non-streaming `json`, then `stream`, then the same answer streamed by the OpenAI Responses API
+(`responses`) and by Anthropic Messages (`messages`)) starts its own upstream, the passthrough and one
 `chatledger serve` per --workers value (each with a fresh SQLite file, full logging), loads every target
 in turn for --rounds rounds (throughput at --connections for every target, then latency at one connection;
 in reverse order every other round), stops chatledger with SIGTERM and counts the rows it wrote. Then the
@@ -28,9 +29,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .payloads import STREAM_EVENTS, request_body
+from .payloads import EVENTS_PER_STREAM, MODE_PATHS, STREAM_MODES, mode_request_body
 from .procs import Service, cpu_seconds, free_port, machine_busy, python_module, rss_mb, wait_listening
-from .report import SAME_RELAY_PASSTHROUGH, summarise, table, verdicts
+from .report import SAME_RELAY_PASSTHROUGH, stream_parity, summarise, table, verdicts
 from .upstream import nginx_command, nginx_config
 from .wrk import run_wrk, write_script, wrk_binary
 
@@ -45,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of A B (then B A) (default 2)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", default="1,2", help="chatledger --workers values to run (default 1,2)")
-    parser.add_argument("--modes", default="json,stream", help="json, stream or both (default)")
+    parser.add_argument(
+        "--modes",
+        default="json,stream,responses,messages",
+        help="any of json, stream (chat), responses, messages (default: all four)",
+    )
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument(
         "--upstream",
@@ -116,7 +121,13 @@ def use_wrk(args: argparse.Namespace) -> bool:
 
 
 def python_load(
-    url: str, connections: int, duration: float, stream: bool, gap_us: int = 0, include_usage: bool = True
+    url: str,
+    connections: int,
+    duration: float,
+    stream: bool,
+    gap_us: int = 0,
+    include_usage: bool = True,
+    api: str = "chat",
 ) -> dict[str, Any]:
     command = python_module(
         "bench.loadgen",
@@ -128,6 +139,8 @@ def python_load(
         str(duration),
         "--gap-us",
         str(gap_us),
+        "--api",
+        api,
     )
     if stream:
         command.append("--stream")
@@ -153,9 +166,7 @@ class Bench:
         self.work = work
         self.wrk = use_wrk(args)
         self.include_usage = args.stream_request == "include-usage"
-        self.scripts = {
-            m: write_script(work, m, request_body(m == "stream", self.include_usage)) for m in ("json", "stream")
-        }
+        self.scripts = {m: write_script(work, m, mode_request_body(m, self.include_usage)) for m in MODE_PATHS}
 
     # ---- services -----------------------------------------------------------------------------
 
@@ -191,19 +202,21 @@ class Bench:
     # ---- load ---------------------------------------------------------------------------------
 
     def load(self, target: dict[str, Any], mode: str, connections: int, duration: float) -> dict[str, Any]:
-        url = target["url"] + CHAT_PATH
+        url = target["url"] + MODE_PATHS[mode]
+        stream = mode in STREAM_MODES
+        api = mode if mode in ("responses", "messages") else "chat"
         pid = target["pid"]
         cpu0, (busy0, total0) = cpu_seconds(pid), machine_busy()
         own0 = sum(cpu_seconds(p) for p in self.own_pids) + _self_and_waited_children()
-        if mode == "stream" and connections == 1:
+        if stream and connections == 1:
             result = python_load(
-                url, 1, duration, stream=True, gap_us=self.args.gap_us, include_usage=self.include_usage
+                url, 1, duration, stream=True, gap_us=self.args.gap_us, include_usage=self.include_usage, api=api
             )
         elif self.wrk:
             result = run_wrk(url, self.scripts[mode], connections, duration)
         else:
             result = python_load(
-                url, connections, duration, stream=mode == "stream", include_usage=self.include_usage
+                url, connections, duration, stream=stream, include_usage=self.include_usage, api=api
             )
         cpu = cpu_seconds(pid) - cpu0
         busy1, total1 = machine_busy()
@@ -258,7 +271,7 @@ class Bench:
                     wait_listening(target["service"].port, target["workers"])
             self.own_pids = [s.pid for s in services]
             for target in targets:
-                target["events_per_request"] = STREAM_EVENTS
+                target["events_per_request"] = EVENTS_PER_STREAM.get(mode, 0)
                 target["runs"] = {"thr": [], "lat": []}
                 target["rss_start"] = rss_mb(target["pid"]) if target["name"] != "direct" else None
             for target in targets:
@@ -462,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             for result in results["modes"]:
                 for line in verdicts(result["mode"], result["summary"]):
                     print(line)
+            for line in stream_parity(results["modes"]):
+                print(line)
             if not args.no_writer_bench:
                 from . import writer_bench
 

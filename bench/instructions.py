@@ -8,7 +8,8 @@ same request as `python -m bench`), then off. Only the serving process is counte
 given (chatledger's writer process then runs under callgrind too, and is counted apart); the kernel's
 share (syscalls) is never counted. Needs Debian's valgrind. Takes about 30 s per target and mode.
 
-Run: `python -m bench.instructions` (non-streaming), `--mode stream`, `--mode sdk-default`.
+Run: `python -m bench.instructions` (non-streaming), `--mode stream`, `--mode sdk-default`, and the other
+APIs' streams: `--mode responses`, `--mode messages`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .__main__ import CHAT_PATH, ledger_command, passthrough_command, python_upstream_command
+from .__main__ import ledger_command, passthrough_command, python_upstream_command
 from .loadgen import AUTH
-from .payloads import request_body
+from .payloads import MODE_PATHS, mode_request_body
 from .procs import Service, children, free_port
 from .upstream import nginx_command, nginx_config
 
@@ -65,7 +66,14 @@ def _total(out_dir: Path, pid: int) -> int:
 
 
 def count(
-    name: str, command: list[str], port: int, body: bytes, requests: int, work: Path, count_children: bool = False
+    name: str,
+    command: list[str],
+    port: int,
+    body: bytes,
+    requests: int,
+    work: Path,
+    count_children: bool = False,
+    path: str = MODE_PATHS["json"],
 ) -> list[int]:
     """Instructions per request of the process, then of each child process when `count_children` (the writer)."""
     out_dir = work / name
@@ -81,7 +89,7 @@ def count(
     service = Service(name, valgrind, port, out_dir / "log", health=None)
     service.start(timeout=300)
     try:
-        url = f"http://127.0.0.1:{port}{CHAT_PATH}"
+        url = f"http://127.0.0.1:{port}{path}"
         asyncio.run(_send(url, body, WARMUP_REQUESTS))
         time.sleep(0.5)
         pids = [service.pid, *(children(service.pid) if count_children else [])]
@@ -100,7 +108,7 @@ def count(
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--mode", choices=("json", "stream", "sdk-default"), default="json")
+    parser.add_argument("--mode", choices=("json", "stream", "sdk-default", "responses", "messages"), default="json")
     parser.add_argument("--requests", type=int, default=2000, help="requests counted per target (default 2000)")
     parser.add_argument(
         "--writer", action="store_true", help="count chatledger's writer process too (it then runs under valgrind)"
@@ -109,7 +117,9 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     stream = args.mode != "json"
-    body = request_body(stream, include_usage=args.mode != "sdk-default")
+    mode = "stream" if args.mode == "sdk-default" else args.mode
+    body = mode_request_body(mode, include_usage=args.mode != "sdk-default")
+    path = MODE_PATHS[mode]
     work = Path(tempfile.mkdtemp(prefix="chatledger-instructions-"))
     port = free_port()
     upstream_command = None if stream else nginx_command(nginx_config(port, work / "nginx"))
@@ -128,6 +138,7 @@ def main() -> None:
             body,
             args.requests,
             work,
+            path=path,
         )
         target_port = free_port()
         counts = count(
@@ -138,6 +149,7 @@ def main() -> None:
             args.requests,
             work,
             count_children=args.writer,
+            path=path,
         )
         results["chatledger"] = counts[0]
         if args.writer:

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .payloads import COMPLETION_BODY, STREAM_EVENTS, request_body
+from .payloads import COMPLETION_BODY, END_MARKERS, EVENTS_PER_STREAM, mode_request_body
 
 AUTH = "Bearer sk-bench-0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -42,7 +42,12 @@ class Stats:
         self.first_error = self.first_error or message
 
 
-async def _stream(response: aiohttp.ClientResponse, stats: Stats, stamped: bool, cut_allowed: bool) -> bool:
+async def _stream(
+    response: aiohttp.ClientResponse, stats: Stats, stamped: bool, cut_allowed: bool, mode: str = "stream"
+) -> bool:
+    """Read one streamed answer; whether it was whole (every event, and the stream's end marker)."""
+    expected, end_marker = EVENTS_PER_STREAM[mode], END_MARKERS[mode]
+    counts_end = mode != "stream"  # [DONE] is no event; the other streams end with a real one
     buffer = b""
     events = 0
     done = False
@@ -54,9 +59,10 @@ async def _stream(response: aiohttp.ClientResponse, stats: Stats, stamped: bool,
             if end < 0:
                 break
             event, buffer = buffer[:end], buffer[end + 2 :]
-            if event.startswith(b"data: [DONE]"):
+            if event.startswith(end_marker):
                 done = True
-                continue
+                if not counts_end:
+                    continue
             events += 1
             if stamped:
                 at = event.find(b'"fp_t')
@@ -64,7 +70,7 @@ async def _stream(response: aiohttp.ClientResponse, stats: Stats, stamped: bool,
                     stats.event_latencies.append((now - int(event[at + 5 : at + 24])) / 1e6)
     stats.events += events
     # chatledger cuts the usage chunk out when it asked for it (requests sent with --no-include-usage)
-    return done and (events == STREAM_EVENTS or (cut_allowed and events == STREAM_EVENTS - 1))
+    return done and (events == expected or (cut_allowed and events == expected - 1))
 
 
 async def _worker(
@@ -85,7 +91,7 @@ async def _worker(
                     stats.error(f"HTTP {response.status}")
                     continue
                 if args.stream:
-                    ok = await _stream(response, stats, stamped, cut_allowed=args.no_include_usage)
+                    ok = await _stream(response, stats, stamped, args.no_include_usage, stream_mode(args))
                 else:
                     ok = len(await response.read()) == len(COMPLETION_BODY)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -97,8 +103,15 @@ async def _worker(
             stats.bad_bodies += 1
 
 
+def stream_mode(args: argparse.Namespace) -> str:
+    """The `python -m bench` mode of these requests."""
+    return "stream" if args.api == "chat" else args.api
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    body = request_body(args.stream, include_usage=not args.no_include_usage)
+    if args.api != "chat":
+        args.stream = True  # the other APIs are measured streaming
+    body = mode_request_body(stream_mode(args) if args.stream else "json", include_usage=not args.no_include_usage)
     headers = {"Content-Type": "application/json", "Authorization": AUTH}
     if args.gap_us > 0:
         headers["X-Bench-Gap-Us"] = str(args.gap_us)
@@ -146,6 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gap-us", type=int, default=0, help="ask the upstream to pace events (stamped)")
     parser.add_argument(
         "--no-include-usage", action="store_true", help="stream requests without stream_options (SDK default)"
+    )
+    parser.add_argument(
+        "--api",
+        choices=("chat", "responses", "messages"),
+        default="chat",
+        help="the request and stream format: chat, OpenAI Responses or Anthropic Messages (always streamed)",
     )
     args = parser.parse_args(argv)
     try:

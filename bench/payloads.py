@@ -1,4 +1,5 @@
-"""Fixed, realistic bodies for the benchmark: one chat request, one ChatCompletion, one 200-event stream.
+"""Fixed, realistic bodies for the benchmark: one chat request, one ChatCompletion, one 200-event stream,
+and the same answer streamed by the Responses API and by Anthropic Messages.
 
 Shaped after OpenAI's wire format (see shared/reference/wire-formats.md). Built once at import: the
 upstream must spend no time on them.
@@ -148,3 +149,152 @@ def stream_events(fingerprint: str = FINGERPRINT, obfuscation: bool = False) -> 
 
 STREAM_EVENT_BYTES = stream_events()
 STAMPED_EVENT_BYTES = stream_events(STAMP)
+
+
+# ---- the other APIs' streams: OpenAI Responses and Anthropic Messages ------------------------------
+# The same answer in their wire formats (see shared/reference/wire-formats.md): named events, each with an
+# `event:` line, usage in the terminal event, no [DONE]. In paced mode each content delta carries the
+# send-time STAMP (Responses: its `obfuscation` string; Messages: the start of its text).
+
+RESPONSE_ID = "resp_68af0d3e5b8c8193a1c2d4e6f8091a2b0c3d4e5f6a7b8c9d"
+MESSAGE_ID = "msg_01XFDUDYJgAACzvnptvVoYEL"
+DELTAS = STREAM_EVENTS - 3  # content deltas per stream, as in the chat stream
+RESPONSES_USAGE: dict[str, Any] = {
+    "input_tokens": 412,
+    "input_tokens_details": {"cached_tokens": 256, "cache_write_tokens": 0},
+    "output_tokens": 198,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 610,
+}
+
+
+def _named(data: dict[str, Any]) -> bytes:
+    return b"event: " + data["type"].encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _response(status: str, text: str | None) -> dict[str, Any]:
+    output = []
+    if text is not None:
+        output = [
+            {
+                "id": "msg_68af0d40a1b48193b2c3d4e5f6a7b8c9",
+                "type": "message",
+                "status": "completed",
+                "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}],
+                "role": "assistant",
+            }
+        ]
+    return {
+        "id": RESPONSE_ID,
+        "object": "response",
+        "created_at": CREATED,
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "model": MODEL,
+        "output": output,
+        "service_tier": "default",
+        "usage": RESPONSES_USAGE if status == "completed" else None,
+    }
+
+
+def responses_events(stamp: str | None = None) -> list[bytes]:
+    """A streamed Response: created, in_progress, item and part added, DELTAS text deltas, the done
+    events (each repeating the text) and response.completed with usage."""
+    tokens = _tokens(DELTAS)
+    text = "".join(tokens)
+    item_id = "msg_68af0d40a1b48193b2c3d4e5f6a7b8c9"
+    item = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": _response("in_progress", None)},
+        {"type": "response.in_progress", "response": _response("in_progress", None)},
+        {"type": "response.output_item.added", "output_index": 0, "item": {"id": item_id, "type": "message"}},
+        {"type": "response.content_part.added", **item, "part": {"type": "output_text", "text": ""}},
+    ]
+    for n, token in enumerate(tokens):
+        padding = stamp if stamp is not None else _PAD[: (7 * n) % 13].decode()
+        events.append(
+            {"type": "response.output_text.delta", **item, "delta": token, "logprobs": [], "obfuscation": padding}
+        )
+    events += [
+        {"type": "response.output_text.done", **item, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **item, "part": {"type": "output_text", "text": text}},
+        {"type": "response.output_item.done", "output_index": 0, "item": _response("completed", text)["output"][0]},
+        {"type": "response.completed", "response": _response("completed", text)},
+    ]
+    return [_named({**event, "sequence_number": n}) for n, event in enumerate(events)]
+
+
+def messages_events(stamp: str | None = None) -> list[bytes]:
+    """A streamed Anthropic Message: message_start (input and cache usage), a text block with a ping,
+    DELTAS text deltas, message_delta (stop reason, cumulative output tokens), message_stop."""
+    start = {
+        "id": MESSAGE_ID,
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5-20250929",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 156,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 256,
+            "output_tokens": 1,
+            "service_tier": "standard",
+        },
+    }
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+    ]
+    for token in _tokens(DELTAS):
+        text = stamp + token if stamp is not None else token
+        events.append({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": 198},
+        },
+        {"type": "message_stop"},
+    ]
+    return [_named(event) for event in events]
+
+
+STREAM_MODES = ("stream", "responses", "messages")  # `python -m bench` modes that stream
+MODE_PATHS = {
+    "json": "/v1/chat/completions",
+    "stream": "/v1/chat/completions",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
+# SSE events a client counts per streamed answer: the chat stream's JSON chunks ([DONE] not counted),
+# every event of the others
+EVENTS_PER_STREAM = {"stream": STREAM_EVENTS, "responses": len(responses_events()), "messages": len(messages_events())}
+END_MARKERS = {"stream": b"data: [DONE]", "responses": b"event: response.completed", "messages": b"event: message_stop"}
+
+
+def mode_request_body(mode: str, include_usage: bool = True) -> bytes:
+    """The request of a `python -m bench` mode: the chat one, or the same question for the other APIs."""
+    if mode in ("json", "stream"):
+        return request_body(mode == "stream", include_usage)
+    if mode == "responses":
+        body: dict[str, Any] = {
+            "model": "gpt-4o",
+            "instructions": _MESSAGES[0]["content"],
+            "input": _MESSAGES[1]["content"],
+            "max_output_tokens": 400,
+            "stream": True,
+        }
+    else:
+        body = {
+            "model": "claude-sonnet-4-5",
+            "system": _MESSAGES[0]["content"],
+            "messages": [_MESSAGES[1]],
+            "max_tokens": 400,
+            "stream": True,
+        }
+    return orjson.dumps(body)

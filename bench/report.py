@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .payloads import STREAM_MODES
+
 THROUGHPUT_TARGET = 0.90
 LATENCY_TARGET = 1.2
 
@@ -47,8 +49,9 @@ def rows_verdict(target: dict[str, Any]) -> str:
 def summarise(target: dict[str, Any], mode: str, direct: dict[str, Any] | None) -> dict[str, Any]:
     """Means over the rounds of one target in one mode, and its latency added over the direct baseline."""
     thr, lat = target["runs"]["thr"], target["runs"]["lat"]
-    latency_key = "event_p50_ms" if mode == "stream" else "p50_ms"
-    latency_p99_key = "event_p99_ms" if mode == "stream" else "p99_ms"
+    stream = mode in STREAM_MODES
+    latency_key = "event_p50_ms" if stream else "p50_ms"
+    latency_p99_key = "event_p99_ms" if stream else "p99_ms"
     out = {
         "name": target["name"],
         "rps": _mean([r["rps"] for r in thr]),
@@ -64,14 +67,14 @@ def summarise(target: dict[str, Any], mode: str, direct: dict[str, Any] | None) 
     out["added_ms"] = None
     if direct is not None and out["lat_p50_ms"] is not None and direct["lat_p50_ms"] is not None:
         out["added_ms"] = out["lat_p50_ms"] - direct["lat_p50_ms"]
-    if mode == "stream" and out["rps"] is not None:
+    if stream and out["rps"] is not None:
         out["events_per_s"] = out["rps"] * target["events_per_request"]
     return out
 
 
 def table(mode: str, rows: list[dict[str, Any]], targets: list[dict[str, Any]], connections: int) -> str:
-    """The table for one mode (`json` or `stream`)."""
-    stream = mode == "stream"
+    """The table for one mode (`json`, or a streaming one)."""
+    stream = mode in STREAM_MODES
     by_name = {t["name"]: t for t in targets}
     header = [
         "target",
@@ -158,4 +161,26 @@ def verdicts(mode: str, rows: list[dict[str, Any]]) -> list[str]:
                 "chatledger does (the cost of logging alone)"
             )
         out.append(f"[{mode}] {row['name']}: " + "; ".join(parts))
+    return out
+
+
+def stream_parity(results: list[dict[str, Any]]) -> list[str]:
+    """Each chatledger's throughput ratio to the passthrough on the Responses and Messages streams, next
+    to its ratio on the chat stream: logging those APIs should cost no more than logging chat."""
+    ratios: dict[str, dict[str, float]] = {}
+    for result in results:
+        rows = {row["name"]: row for row in result["summary"]}
+        reference = rows.get("passthrough")
+        if result["mode"] not in STREAM_MODES or reference is None or not reference["rps"]:
+            continue
+        for name, row in rows.items():
+            if name.startswith("chatledger") and row["rps"]:
+                ratios.setdefault(name, {})[result["mode"]] = row["rps"] / reference["rps"]
+    out = []
+    for name, by_mode in ratios.items():
+        chat = by_mode.get("stream")
+        for mode in ("responses", "messages"):
+            if mode in by_mode:
+                versus = f" (chat stream: {chat:.2f}x, difference {by_mode[mode] - chat:+.2f})" if chat else ""
+                out.append(f"[{mode}] {name}: throughput {by_mode[mode]:.2f}x passthrough{versus}")
     return out

@@ -1,10 +1,12 @@
 """A fake OpenAI upstream that is never the bottleneck: a bare asyncio Protocol HTTP/1.1 server, or nginx.
 
 Every POST gets a fixed answer. A body with `"stream":true` gets the 200-event SSE completion (each event
-its own HTTP chunk and its own write, like a real upstream); anything else gets the ChatCompletion JSON.
-With the header `X-Bench-Gap-Us: N` a stream is paced, one event every N microseconds, and each event
-carries its send time (CLOCK_MONOTONIC ns) in `system_fingerprint` so a client can measure how long each
-event took to reach it. Run: `python -m bench.upstream --port 9001`.
+its own HTTP chunk and its own write, like a real upstream), or, on a path ending in /responses or
+/messages, the same answer as a Responses API or Anthropic Messages stream; anything else gets the
+ChatCompletion JSON. With the header `X-Bench-Gap-Us: N` a stream is paced, one event every N
+microseconds, and each event carries its send time (CLOCK_MONOTONIC ns) in `system_fingerprint` (the
+other APIs: in each content delta) so a client can measure how long each event took to reach it.
+Run: `python -m bench.upstream --port 9001`.
 
 nginx (`nginx_config`) answers non-streaming POSTs from a `return 200` with the same body; it cannot stream.
 """
@@ -18,7 +20,15 @@ import shutil
 import time
 from pathlib import Path
 
-from .payloads import COMPLETION_BODY, STAMP, STAMPED_EVENT_BYTES, STREAM_EVENT_BYTES, stream_events
+from .payloads import (
+    COMPLETION_BODY,
+    STAMP,
+    STAMPED_EVENT_BYTES,
+    STREAM_EVENT_BYTES,
+    messages_events,
+    responses_events,
+    stream_events,
+)
 
 _JSON_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -43,35 +53,55 @@ def _framed(event: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(event), event)
 
 
-FRAMED_EVENTS = [_framed(event) for event in STREAM_EVENT_BYTES]
-STAMPED_EVENTS = list(STAMPED_EVENT_BYTES)
+# per stream kind (chat, responses, messages): the framed events, the stamped ones, the unpaced writes
+FRAMED_EVENTS = {
+    "chat": [_framed(event) for event in STREAM_EVENT_BYTES],
+    "responses": [_framed(event) for event in responses_events()],
+    "messages": [_framed(event) for event in messages_events()],
+}
+STAMPED_EVENTS = {
+    "chat": list(STAMPED_EVENT_BYTES),
+    "responses": responses_events(STAMP),
+    "messages": messages_events(STAMP),
+}
 LAST_CHUNK = b"0\r\n\r\n"
-WRITES: list[bytes] = []
+WRITES: dict[str, list[bytes]] = {}
 
 
 def set_obfuscation(on: bool) -> None:
-    """Stream chunks with OpenAI's `obfuscation` padding (see payloads.stream_events), or without; call
-    set_events_per_write after it."""
-    FRAMED_EVENTS[:] = [_framed(event) for event in stream_events(obfuscation=on)]
-    STAMPED_EVENTS[:] = stream_events(STAMP, obfuscation=on)
+    """Chat stream chunks with OpenAI's `obfuscation` padding (see payloads.stream_events), or without;
+    call set_events_per_write after it."""
+    FRAMED_EVENTS["chat"] = [_framed(event) for event in stream_events(obfuscation=on)]
+    STAMPED_EVENTS["chat"] = stream_events(STAMP, obfuscation=on)
 
 
 def set_events_per_write(count: int) -> None:
     """How an unpaced stream is written: `count` events per transport write (1 = one write per event)."""
     count = max(1, count)
-    groups = [b"".join(FRAMED_EVENTS[i : i + count]) for i in range(0, len(FRAMED_EVENTS), count)]
-    groups[-1] += LAST_CHUNK
-    WRITES[:] = [STREAM_HEAD + groups[0], *groups[1:]]
+    for kind, framed in FRAMED_EVENTS.items():
+        groups = [b"".join(framed[i : i + count]) for i in range(0, len(framed), count)]
+        groups[-1] += LAST_CHUNK
+        WRITES[kind] = [STREAM_HEAD + groups[0], *groups[1:]]
 
 
 set_events_per_write(1)
 
+
+def stream_kind(head: bytes) -> str:
+    """Which stream a request gets, from its (lower-cased) request line's path."""
+    line = head[: head.find(b"\r\n")]
+    if b"/responses " in line:
+        return "responses"
+    if b"/messages " in line:
+        return "messages"
+    return "chat"
+
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
-def stamped_event(index: int) -> bytes:
+def stamped_event(kind: str, index: int) -> bytes:
     """Event `index` of the stream, framed, with the current monotonic time in place of the stamp."""
-    event = STAMPED_EVENTS[index]
+    event = STAMPED_EVENTS[kind][index]
     if _STAMP in event:
         event = event.replace(_STAMP, b"fp_t%019d" % time.monotonic_ns())
     return _framed(event)
@@ -123,14 +153,15 @@ class UpstreamProtocol(asyncio.Protocol):
             self._buffer = buffer[total:]
             close = b"\r\nconnection: close" in head
             if b'"stream":true' in body or b'"stream": true' in body:
+                kind = stream_kind(head)
                 gap_at = head.find(b"\r\nx-bench-gap-us:")
                 if gap_at >= 0:
                     stop = head.find(b"\r\n", gap_at + 2)
                     gap = int(head[gap_at + 17 : stop if stop >= 0 else len(head)]) / 1e6
                     self._busy = True
-                    self._task = asyncio.ensure_future(self._paced(transport, gap, close))
+                    self._task = asyncio.ensure_future(self._paced(transport, kind, gap, close))
                     return
-                for chunk in WRITES:
+                for chunk in WRITES[kind]:
                     transport.write(chunk)
             else:
                 transport.write(JSON_RESPONSE)
@@ -138,13 +169,14 @@ class UpstreamProtocol(asyncio.Protocol):
                 transport.close()
                 return
 
-    async def _paced(self, transport: asyncio.Transport, gap: float, close: bool) -> None:
+    async def _paced(self, transport: asyncio.Transport, kind: str, gap: float, close: bool) -> None:
         transport.write(STREAM_HEAD)
-        for index in range(len(STAMPED_EVENTS)):
+        count = len(STAMPED_EVENTS[kind])
+        for index in range(count):
             if transport.is_closing():
                 return
-            transport.write(stamped_event(index))
-            if index + 1 < len(STAMPED_EVENTS):
+            transport.write(stamped_event(kind, index))
+            if index + 1 < count:
                 await asyncio.sleep(gap)
         transport.write(LAST_CHUNK)
         if close:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -43,6 +44,17 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
     max_connections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """`[[routes]]`: calls whose path starts with `prefix` go to `url`, the prefix removed. Timeouts left
+    unset (None) are upstream.connect_timeout and upstream.read_timeout."""
+
+    prefix: str
+    url: str
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +111,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    routes: tuple[RouteConfig, ...] = ()
 
     def replace(self, section: str, **changes: Any) -> Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
@@ -196,6 +209,30 @@ def _parse_pricing(table: Any) -> PricingConfig:
     return PricingConfig(models=models)
 
 
+_ROUTE_KEYS = {"prefix": str, "url": str, "connect_timeout": float, "read_timeout": float}
+
+
+def _parse_routes(value: Any) -> tuple[RouteConfig, ...]:
+    """`[[routes]]` tables, each checked for its keys and types (validate() checks the values)."""
+    if not isinstance(value, list):
+        raise ConfigError("routes: expected an array of tables ([[routes]])")
+    routes = []
+    for position, table in enumerate(value):
+        name = f"routes[{position}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: expected a table")
+        for key in table:
+            if key not in _ROUTE_KEYS:
+                raise ConfigError(f"{name}.{key}: unknown key (expected one of {', '.join(_ROUTE_KEYS)})")
+        for required in ("prefix", "url"):
+            if required not in table:
+                raise ConfigError(f"{name}.{required}: missing")
+        routes.append(
+            RouteConfig(**{key: _coerce(f"{name}.{key}", _ROUTE_KEYS[key], item) for key, item in table.items()})
+        )
+    return tuple(routes)
+
+
 def _apply(config: Config, section: str, name: str, value: Any, origin: str) -> Config:
     cls = _SECTIONS[section]
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -217,6 +254,9 @@ def load_file(path: str | os.PathLike[str], config: Config | None = None) -> Con
     for section, table in data.items():
         if section == "pricing":
             config = dataclasses.replace(config, pricing=_parse_pricing(table))
+            continue
+        if section == "routes":
+            config = dataclasses.replace(config, routes=_parse_routes(table))
             continue
         if section not in _SECTIONS:
             raise ConfigError(f"{section}: unknown section in {path}")
@@ -293,13 +333,53 @@ def validate(config: Config) -> Config:
         raise ConfigError("database.queue_max: expected at least 1")
     if config.database.batch_max < 1:
         raise ConfigError("database.batch_max: expected at least 1")
-    upstream = urlsplit(config.upstream.url)
-    if upstream.scheme not in ("http", "https") or not upstream.hostname:
-        raise ConfigError(f"upstream.url: expected an http(s) URL, got {config.upstream.url!r}")
-    if upstream.query or upstream.fragment:
-        raise ConfigError("upstream.url: must not have a query or fragment")
-    config = config.replace("upstream", url=config.upstream.url.rstrip("/"))
+    config = config.replace("upstream", url=_upstream_url("upstream.url", config.upstream.url))
+    config = dataclasses.replace(config, routes=_validate_routes(config.routes))
     return config.replace("database", url=normalize_database_url(config.database.url))
+
+
+def _upstream_url(key: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{key}: must not have a query or fragment")
+    return url.rstrip("/")
+
+
+LEDGER_PATH = "/_ledger"
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+")  # unreserved characters: the raw and decoded path agree
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Two prefixes overlap when one path could start with both (they match whole segments)."""
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _validate_routes(routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+    """Normalised routes: prefix without a trailing `/`, url checked; overlaps are errors."""
+    checked: list[RouteConfig] = []
+    for position, route in enumerate(routes):
+        name = f"routes[{position}]"
+        prefix = route.prefix.rstrip("/") if route.prefix != "/" else route.prefix
+        if not _PREFIX.fullmatch(prefix) or any(part in (".", "..") for part in prefix.split("/")):
+            raise ConfigError(
+                f"{name}.prefix: expected a path like /openai (letters, digits, . _ ~ -), got {route.prefix!r}"
+            )
+        if _overlap(prefix, LEDGER_PATH):
+            raise ConfigError(f"{name}.prefix: {prefix!r} overlaps chatledger's own {LEDGER_PATH}/ endpoints")
+        for other_position, other in enumerate(checked):
+            if _overlap(prefix, other.prefix):
+                raise ConfigError(
+                    f"{name}.prefix: {prefix!r} overlaps routes[{other_position}].prefix {other.prefix!r}"
+                )
+        for key in ("connect_timeout", "read_timeout"):
+            value = getattr(route, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}.{key}: expected a positive number of seconds, got {value}")
+        url = _upstream_url(f"{name}.url", route.url)
+        checked.append(dataclasses.replace(route, prefix=prefix, url=url))
+    return tuple(checked)
 
 
 def normalize_database_url(url: str) -> str:

@@ -50,7 +50,6 @@ from .payloads import (
     OPENROUTER_ERROR_401,
     OPENROUTER_ERROR_429,
     OPENROUTER_WITH_COST,
-    RESPONSES_API_BASIC,
 )
 from .upstream import FakeUpstream, json_reply
 
@@ -170,30 +169,6 @@ def test_openrouter_200_with_choice_error_records_the_message() -> None:
     # usage.cost 0 is a known cost of zero, not an unknown one
     assert record.cost == Decimal(0)
     assert record.cost_source == "upstream"
-
-
-def test_responses_api_usage_names() -> None:
-    ok, record = parsed(RESPONSES_API_BASIC)
-    usage = RESPONSES_API_BASIC["usage"]
-    assert ok
-    assert record.object == "response"
-    assert record.model == RESPONSES_API_BASIC["model"]
-    assert tokens(record) == {
-        "prompt_tokens": usage["input_tokens"],
-        "completion_tokens": usage["output_tokens"],
-        "total_tokens": usage["total_tokens"],
-        "cached_tokens": usage["input_tokens_details"]["cached_tokens"],
-        "cache_write_tokens": None,
-        "reasoning_tokens": usage["output_tokens_details"]["reasoning_tokens"],
-    }
-    assert record.choices == []
-
-
-def test_responses_api_wrapped_in_an_event_object() -> None:
-    ok, record = parsed({"type": "response.completed", "response": RESPONSES_API_BASIC})
-    assert ok
-    assert record.completion_id == RESPONSES_API_BASIC["id"]
-    assert record.prompt_tokens == RESPONSES_API_BASIC["usage"]["input_tokens"]
 
 
 def test_deepseek_cache_hit_tokens_when_details_are_null() -> None:

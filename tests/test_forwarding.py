@@ -363,24 +363,30 @@ async def test_corrupt_gzip_is_passed_through_and_logged_unparsed(
 # --- what is logged and what is not ---------------------------------------------------------------
 
 
-async def test_non_chat_paths_are_forwarded_without_a_row(ledger: Ledger, upstream: FakeUpstream) -> None:
+NOT_LOGGED = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/moderations"),
+    ("GET", CHAT),  # not a POST: not a completion
+    ("POST", "/v1/chat/completions/extra"),
+    ("POST", "/v1/responses/resp_123/cancel"),
+    ("GET", "/v1/responses/resp_123"),
+    ("POST", "/v1/responses/input_tokens"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/v1/messages/batches"),
+    ("POST", "/v1/threads/thread_1/messages"),  # OpenAI Assistants, not Anthropic Messages
+    ("POST", "/v1/embeddings/extra"),
+    ("GET", "/v1/embeddings"),
+]
+
+
+async def test_paths_no_parser_reads_are_forwarded_without_a_row(ledger: Ledger, upstream: FakeUpstream) -> None:
     upstream.add("models", json_reply(MODELS_LIST))
     async with aiohttp.ClientSession(headers={"X-Fake-Scenario": "models"}) as session:
-        async with session.get(ledger.url + "/v1/models") as response:
-            assert response.status == 200
-            assert await response.read() == orjson.dumps(MODELS_LIST)
-        async with session.post(ledger.url + "/v1/embeddings", json={"input": "x"}) as response:
-            assert response.status == 200
-        async with session.get(ledger.url + CHAT) as response:  # not a POST: not a completion
-            assert response.status == 200
-        async with session.post(ledger.url + "/v1/chat/completions/extra", json={}) as response:
-            assert response.status == 200
-    assert [(r.method, r.path_qs) for r in upstream.requests] == [
-        ("GET", "/v1/models"),
-        ("POST", "/v1/embeddings"),
-        ("GET", CHAT),
-        ("POST", "/v1/chat/completions/extra"),
-    ]
+        for method, path in NOT_LOGGED:
+            async with session.request(method, ledger.url + path, json={"input": "x"}) as response:
+                assert response.status == 200
+                assert await response.read() == orjson.dumps(MODELS_LIST)
+    assert [(r.method, r.path_qs) for r in upstream.requests] == NOT_LOGGED
     assert await ledger.rows() == []
 
 

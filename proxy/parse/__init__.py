@@ -5,9 +5,14 @@ serving process when its writer process falls behind. One module per wire format
 
 - capture.py       the Capture hand-off and `materialize`
 - request.py       the client's request body: model, stream, user, usage injection; tags
-- chat_json.py     a chat completion JSON body
-- chat_stream.py   a chat completion SSE stream, folded chunk by chunk
-- stream_bytes.py  byte-level proofs that a run of stream blocks changes nothing
+- formats.py       each API's wire format: body parser, stream fold
+- chat_json.py     a chat (or legacy text) completion JSON body
+- chat_stream.py   a chat (or legacy text) completion SSE stream, folded chunk by chunk
+- stream_bytes.py  byte-level proofs that a run of chat stream blocks changes nothing
+- responses.py     an OpenAI Responses API body; responses_stream.py its event stream
+- messages.py      an Anthropic Messages body; messages_stream.py its event stream
+- event_fold.py    what the named-event stream folds share
+- embeddings.py    an embeddings body
 - stream_tap.py    SSE reads -> decoder -> fold (and the usage-chunk strip the request path uses)
 - sse.py           the incremental SSE decoder
 - decoders.py      bounded Content-Encoding decoders and the body copy

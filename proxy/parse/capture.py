@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from ..credentials import redact_fingerprinted
 from .decoders import MAX_PARSED_BODY, BodyTap, decode_reads, is_identity
 from .fields import MAX_ERROR_CHARS
+from .formats import FORMATS, WireFormat
 from .outcome import classify
 from .record import CompletionRecord
 from .request import RequestFacts, header_user, inspect_request, parse_tags
@@ -40,7 +41,7 @@ class Capture(NamedTuple):
     method: str
     path: str  # the request target, credentials in its query redacted
     upstream: str
-    api: str | None  # the wire format its body is parsed as ("chat"); None: a path logged with all_paths
+    api: str | None  # the wire format its body is parsed as (formats.FORMATS); None: a path logged with all_paths
     api_key_hash: str | None
     secrets: tuple[tuple[str, int], ...]  # (fingerprint, length) of every credential the request carried
     tag_headers: list[str] | None
@@ -74,15 +75,15 @@ def materialize(capture: Capture) -> CompletionRecord:
 
 
 def _materialize(capture: Capture) -> CompletionRecord:
-    chat = capture.api == "chat"
-    facts = inspect_request(capture.request_body, inject_usage=False) if chat else None
+    wire = FORMATS.get(capture.api) if capture.api is not None else None
+    facts = inspect_request(capture.request_body, inject_usage=False) if wire is not None else None
     record = new_record(capture, facts)
     record.status_code = capture.status
     record.duration_ms = round((capture.finished - capture.started) * 1000, 3)
     if capture.headers_at is None:  # refused by the proxy, or no answer from the upstream
         record.outcome, record.error = capture.failure or ("upstream_error", "no response")
     else:
-        _parse_response(capture, record, chat, facts.choices if facts is not None else 1)
+        _parse_response(capture, record, wire, facts.choices if facts is not None else 1)
     if record.error:
         record.error = finish_error(record.error, capture.secrets)
     return record
@@ -96,7 +97,9 @@ def finish_error(error: str, secrets: tuple[tuple[str, int], ...]) -> str:
     return error[:MAX_ERROR_CHARS]
 
 
-def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expected_choices: int) -> None:
+def _parse_response(
+    capture: Capture, record: CompletionRecord, wire: WireFormat | None, expected_choices: int
+) -> None:
     record.upstream_request_id = capture.upstream_request_id
     record.stream = record.stream or capture.event_stream
     if capture.overflow and not _tail_kept(capture):  # the request path stopped keeping a copy
@@ -105,11 +108,12 @@ def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expe
     stream_tap: StreamTap | None = None
     body_tap: BodyTap | None = None
     undecoded: str | None = None  # why an encoded stream was parsed only in part
-    if capture.times is not None:
+    if capture.times is not None and wire is not None and wire.new_folder is not None:
         chunks, times = capture.chunks, capture.times
         if not is_identity(capture.encoding):  # decoded first (bounded), then folded as a plain stream
             chunks, times, undecoded = decode_reads(chunks, times, capture.encoding)
-        stream_tap = StreamTap(record, None, strip_usage_chunk=False, expected_choices=expected_choices)
+        folder = wire.new_folder(record, expected_choices)
+        stream_tap = StreamTap(record, None, strip_usage_chunk=False, folder=folder)
         if capture.gap_at < 0:
             stream_tap.feed_all(chunks, times)
         else:  # a stream over MAX_PARSED_BODY: its head, then its last reads
@@ -126,7 +130,7 @@ def _parse_response(capture: Capture, record: CompletionRecord, chat: bool, expe
         body_tap = BodyTap(capture.encoding)
         for chunk in capture.chunks:
             body_tap.feed(chunk)
-    classify(record, capture.failure, stream_tap, body_tap, chat=chat, started=capture.started)
+    classify(record, capture.failure, stream_tap, body_tap, wire, started=capture.started)
     if undecoded is not None and capture.failure is None:
         record.outcome, record.error = "unparsed", undecoded
 

@@ -1,6 +1,7 @@
-"""Chat completions as a JSON body (`POST .../chat/completions` without streaming), and the field rules
-the stream fold (chat_stream.py) shares: identity fields from the first object that has them, choices
-keyed by index, usage from `usage` or Groq's `x_groq.usage`.
+"""Chat completions as a JSON body (`POST .../chat/completions` without streaming), legacy text
+completions (`POST .../completions`, the same shape with `text` for `message`), and the field rules the
+stream fold (chat_stream.py) shares: identity fields from the first object that has them, choices keyed
+by index, usage from `usage` or Groq's `x_groq.usage`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def apply_choice(state: ChoiceRecord, choice: dict[str, Any], message: Any) -> s
     return error_text(choice.get("error"))
 
 
-COMPLETION_OBJECTS = frozenset({"chat.completion", "response", "text_completion"})
+COMPLETION_OBJECTS = frozenset({"chat.completion", "text_completion"})
 
 
 def is_completion(obj: dict[str, Any]) -> bool:
@@ -89,9 +90,6 @@ def parse_completion_body(record: CompletionRecord, body: bytes) -> bool:
         return False
     if not isinstance(obj, dict):
         return False
-    response = obj.get("response")
-    if isinstance(response, dict) and "output" in response:  # Responses API wrapper
-        obj = response
     error = error_text(obj.get("error"))
     if not is_completion(obj):
         if error:

@@ -1,4 +1,5 @@
-"""Chat completions as an SSE stream: chunks folded into one record as they arrive.
+"""Chat completions as an SSE stream (and legacy text completions, whose chunks carry `text` for
+`delta`): chunks folded into one record as they arrive.
 
 Identity fields come from the first chunk that has them, finish reasons per choice index, usage from the
 last chunk that carries one (vLLM repeats a running total on every chunk: never summed).
@@ -13,6 +14,7 @@ import orjson
 from .chat_json import apply_choice, apply_meta, choice_state
 from .fields import error_text, member
 from .record import ChoiceRecord, CompletionRecord
+from .stream_bytes import chunk_may_matter, quiet_prefix
 from .usage import apply_usage
 
 STREAM_CUT_OFF = "stream ended before the completion finished (no finish_reason, no [DONE])"
@@ -28,14 +30,21 @@ def has_content(delta: Any) -> bool:
     return bool(delta.get("tool_calls") or delta.get("audio") or delta.get("function_call"))
 
 
+def has_text(choice: dict[str, Any]) -> bool:
+    """A legacy completion chunk's choice with text in it."""
+    text = choice.get("text")
+    return isinstance(text, str) and bool(text)
 
 
 class StreamFolder:
-    """Folds streamed chunks (SSE data payloads) into one record."""
+    """Folds streamed chunks (SSE data payloads) into one record.
+
+    roles=False: legacy text completions, whose choices have no role; the fold settles without them."""
 
     __slots__ = (
         "_by_index",
         "_expected_choices",
+        "_roles",
         "content_seen",
         "data_events",
         "done",
@@ -46,9 +55,10 @@ class StreamFolder:
         "usage",
     )
 
-    def __init__(self, record: CompletionRecord, expected_choices: int = 1) -> None:
+    def __init__(self, record: CompletionRecord, expected_choices: int = 1, roles: bool = True) -> None:
         self.record = record
         self._expected_choices = expected_choices
+        self._roles = roles
         self.settled = False  # identity, first content and every choice's role known
         self._by_index: dict[int, ChoiceRecord] = {}
         self.usage: dict[str, Any] | None = None
@@ -58,8 +68,9 @@ class StreamFolder:
         self.data_events = 0
         self.parsed_events = 0
 
-    def feed(self, data: bytes) -> tuple[bool, bool]:
-        """Fold one data payload. Returns (carries_content, is_usage_only_chunk)."""
+    def feed(self, data: bytes, event: bytes = b"") -> tuple[bool, bool]:
+        """Fold one data payload (the event name means nothing in a chat stream).
+        Returns (carries_content, is_usage_only_chunk)."""
         if data.startswith(b"[DONE]"):
             self.done = True
             return False, False
@@ -76,16 +87,6 @@ class StreamFolder:
         if self.settled and self.plain_delta(obj):
             return False, False
         record = self.record
-        response = obj.get("response")
-        if isinstance(response, dict):  # Responses API events carry the response object
-            apply_meta(record, response)
-            usage = response.get("usage")
-            if isinstance(usage, dict):
-                self.usage = usage
-            if obj.get("type") == "response.failed":
-                self.failed = True
-                record.error = record.error or error_text(response.get("error")) or "response failed"
-            return False, False
         apply_meta(record, obj)
         carries_content = False
         choices = obj.get("choices")
@@ -103,7 +104,7 @@ class StreamFolder:
                     record.error = record.error or error
                 if state.finish_reason == "error":
                     self.failed = True
-                if not carries_content and has_content(delta):
+                if not carries_content and (has_content(delta) if delta is not None else has_text(choice)):
                     carries_content = True
         usage = obj.get("usage")
         if not isinstance(usage, dict):
@@ -121,7 +122,7 @@ class StreamFolder:
                 self.content_seen
                 and record.completion_id is not None
                 and len(self._by_index) >= self._expected_choices
-                and all(state.role is not None for state in self._by_index.values())
+                and (not self._roles or all(state.role is not None for state in self._by_index.values()))
             )
         usage_only = (
             isinstance(choices, list) and not choices and isinstance(obj.get("usage"), dict) and not error
@@ -131,7 +132,7 @@ class StreamFolder:
     def plain_delta(self, obj: dict[str, Any]) -> bool:
         """A chunk with nothing left to fold (content deltas of known choices): most of a long stream.
         Parsing it is cheap (orjson); this check is what spares the full fold."""
-        if obj.get("usage") is not None or obj.get("error") is not None or "x_groq" in obj or "response" in obj:
+        if obj.get("usage") is not None or obj.get("error") is not None or "x_groq" in obj:
             return False
         choices = obj.get("choices")
         if type(choices) is not list or not choices:
@@ -147,6 +148,14 @@ class StreamFolder:
             ):
                 return False
         return True
+
+    def quiet(self, blocks: bytes) -> bool:
+        """Whole SSE blocks of a settled fold (LF only) that certainly change nothing: left unparsed."""
+        return not chunk_may_matter(blocks)
+
+    def quiet_prefix(self, data: bytes, keep: int) -> int:
+        """How many leading bytes of the rest of a stream certainly change nothing (stream_bytes)."""
+        return quiet_prefix(self, data, keep)
 
     def _late_usage(self, data: bytes) -> bool:
         """After [DONE] the completion is over; only a (misplaced) usage-only chunk still counts."""

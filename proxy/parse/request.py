@@ -31,7 +31,7 @@ class RequestFacts:
 
 
 def inspect_request(body: bytes, inject_usage: bool) -> RequestFacts:
-    """Read a chat request body; with inject_usage, ask a streaming upstream for a usage chunk."""
+    """Read a request body (any parsed API); with inject_usage, ask a streaming upstream for a usage chunk."""
     facts = RequestFacts(body=body)
     if not body:
         return facts
@@ -49,6 +49,9 @@ def inspect_request(body: bytes, inject_usage: bool) -> RequestFacts:
     if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 128:
         facts.choices = n
     user = obj.get("user")
+    if not isinstance(user, str):  # Anthropic Messages: metadata.user_id
+        metadata = obj.get("metadata")
+        user = metadata.get("user_id") if isinstance(metadata, dict) else None
     if isinstance(user, str) and user:
         facts.user = clean_text(user)[:MAX_USER_CHARS] or None
     stream_options = obj.get("stream_options")

@@ -17,7 +17,7 @@ import orjson
 if TYPE_CHECKING:
     from .chat_stream import StreamFolder
 
-_ALWAYS_PARSE = (b'"error"', b"x_groq", b"[DONE]", b'"response"')
+_ALWAYS_PARSE = (b'"error"', b"x_groq", b"[DONE]")
 
 
 def chunk_may_matter(data: bytes) -> bool:

@@ -7,13 +7,15 @@ request path; whatever cannot be decoded is noted and left for the record.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import orjson
 
 from .chat_stream import StreamFolder
 from .decoders import DecodeError, UnsupportedEncoding, bounded_decoder
 from .record import CompletionRecord
 from .sse import SSEDecoder, SSEEvent
-from .stream_bytes import chunk_may_matter, first_empty_array, may_hold_empty_array, quiet_prefix
+from .stream_bytes import first_empty_array, may_hold_empty_array
 
 MAX_HELD_BYTES = 1024 * 1024
 SETTLE_BYTES = 2048  # a read longer than twice this is fed in two parts: the first may settle the fold
@@ -38,9 +40,33 @@ def _names_provider(data: bytes) -> bool:
     return isinstance(chunk, dict) and bool(chunk.get("provider"))
 
 
+class Folder(Protocol):
+    """A wire format's stream fold (chat_stream.StreamFolder, responses_stream, messages_stream)."""
+
+    record: CompletionRecord
+    settled: bool  # what the fold needs from content deltas is known: quiet blocks may pass unparsed
+    done: bool  # the stream's own end marker came ([DONE], a terminal event)
+    failed: bool
+    data_events: int
+    parsed_events: int
+
+    def feed(self, data: bytes, event: bytes = b"") -> tuple[bool, bool]:
+        """One event's data and name; returns (carries_content, is_the_usage_chunk_the_proxy_asked_for)."""
+        ...
+
+    def finish(self, at_eof: bool = False) -> None: ...
+
+    def quiet(self, blocks: bytes) -> bool:
+        """Whole LF-only SSE blocks of a settled fold that certainly change nothing."""
+        ...
+
+    def quiet_prefix(self, data: bytes, keep: int) -> int: ...
+
+
 class StreamTap:
-    """Decodes an SSE response into a StreamFolder, and optionally removes the usage-only chunk (the one
-    the client did not ask for: the proxy added stream_options.include_usage to its request).
+    """Decodes an SSE response into a Folder (a chat StreamFolder unless given), and optionally removes
+    the usage-only chunk (the one the client did not ask for: the proxy added
+    stream_options.include_usage to its request).
 
     In strip mode, bytes are handed on per complete event block (an event is needed whole to decide
     whether it goes); otherwise every read is passed on untouched, the moment it arrives.
@@ -71,8 +97,9 @@ class StreamTap:
         strip_usage_chunk: bool,
         expected_choices: int = 1,
         strip_only: bool = False,
+        folder: Folder | None = None,
     ) -> None:
-        self.folder = StreamFolder(record, expected_choices)
+        self.folder: Folder = folder if folder is not None else StreamFolder(record, expected_choices)
         # strip_only: the record is folded elsewhere (the writer, from a raw copy). After the first event,
         # only the blocks that could hold the usage-only chunk need decoding: whether a chunk is that
         # one is read off the chunk itself, and so is the provider that spares it (see _event).
@@ -158,7 +185,7 @@ class StreamTap:
             limit = first_empty_array(chunk)
             end = chunk.rfind(b"\n\n", 0, len(chunk) if limit < 0 else limit)
             return end + 2 if end >= 0 else 0
-        return len(chunk) if chunk.endswith(b"\n\n") and not chunk_may_matter(chunk) else 0
+        return len(chunk) if chunk.endswith(b"\n\n") and self.folder.quiet(chunk) else 0
 
     def _skip(self, blocks: bytes) -> None:
         self._sse.skip(blocks)
@@ -204,7 +231,7 @@ class StreamTap:
 
         Until the folder is settled, reads are fed one event block at a time (at most SETTLE_BLOCKS of
         a read; the rest of it whole): a read usually holds many events, and the first two or three
-        settle the fold. Of the rest, only the last few blocks are parsed when stream_bytes.quiet_prefix
+        settle the fold. Of the rest, only the last few blocks are parsed when the folder's quiet_prefix
         proves that the part before them changes nothing. Per-read times matter only until settled
         (first event, first content).
         """
@@ -284,7 +311,7 @@ class StreamTap:
             self._fold_settled(data[start:], now)
 
     def _fold_settled(self, rest: bytes, now: float) -> None:
-        """Fold the rest of a stream: only its last blocks when stream_bytes.quiet_prefix proves the part
+        """Fold the rest of a stream: only its last blocks when the folder's quiet_prefix proves the part
         before them changes nothing; within the fold budget, then only its tail."""
         if self._decoder is None and self._readable and not self._strip and len(rest) > TAIL_BYTES:
             if not self._sse.at_boundary:  # finish the event a read cut in two
@@ -292,7 +319,7 @@ class StreamTap:
                 if end >= 2:
                     self.feed(rest[:end], now)
                     rest = rest[end:]
-            cut = quiet_prefix(self.folder, rest, TAIL_BYTES) if self._sse.at_boundary else 0
+            cut = self.folder.quiet_prefix(rest, TAIL_BYTES) if self._sse.at_boundary else 0
             if cut:
                 self._sse.advance(cut)
                 rest = rest[cut:]
@@ -322,7 +349,7 @@ class StreamTap:
         data = event.data
         if self.first_event_at is None and not self.folder.done and not data.startswith(b"[DONE]"):
             self.first_event_at = now
-        carries_content, usage_only = self.folder.feed(data)
+        carries_content, usage_only = self.folder.feed(data, event.event)
         if carries_content and self.first_content_at is None:
             self.first_content_at = now
         # OpenRouter (the only upstream with a top-level `provider`) sends usage whether asked or not:

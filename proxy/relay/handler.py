@@ -26,6 +26,7 @@ from ..config import Config
 from ..credentials import bearer_key, fingerprints, key_fingerprint, redact_query, redact_secrets, request_secrets
 from ..logs import RateLimited
 from ..parse.capture import Capture
+from ..parse.formats import FORMATS
 from ..parse.record import CompletionRecord
 from ..parse.request import RequestFacts, inspect_request
 from ..parse.stream_tap import StreamTap
@@ -34,12 +35,14 @@ from .aiohttp_compat import WholeBodyResponse, read_available
 from .copies import BUDGET_NOTE, CopyBudget, ResponseCopy, StrippedCopy
 from .policy import forwardable_request_headers, forwardable_response_headers
 from .request_ids import new_request_id
+from .routing import Routes, api_of
 
 REQUEST_ID_HEADER = "X-Ledger-Request-Id"
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 UPSTREAM_ID_HEADERS = ("x-generation-id", "x-request-id", "request-id", "apim-request-id")
 DISCONNECTED = ("client_disconnected", "client disconnected")
 EPOCH = datetime.fromtimestamp(0, UTC)
+USAGE_INJECTED_APIS = frozenset(api for api, wire in FORMATS.items() if wire.injects_usage)
 
 Submit = Callable[[Capture], None]
 # an upstream that is down or hangs under load would otherwise log a line per call
@@ -83,6 +86,7 @@ class _Call:
     started_wall: float
     method: str
     path: str
+    upstream: str  # the base URL the call went to (its route's, or upstream.url)
     api: str | None
     secrets: tuple[str, ...]  # every credential the request carried (credentials.request_secrets)
     key_hash: str | None
@@ -94,7 +98,6 @@ class _Call:
 
     def capture(
         self,
-        upstream_url: str,
         failure: tuple[str, str] | None,
         *,
         status: int | None = None,
@@ -112,7 +115,7 @@ class _Call:
             started=self.started,
             method=self.method,
             path=self.path,
-            upstream=upstream_url,
+            upstream=self.upstream,
             api=self.api,
             api_key_hash=self.key_hash,
             secrets=fingerprints(self.secrets) if self.secrets else (),
@@ -144,7 +147,9 @@ class Forwarder:
     `submit` (the recorder's)."""
 
     def __init__(self, config: Config) -> None:
-        self._upstream = config.upstream.url
+        self._routes = Routes(config)
+        self._default = self._routes.default
+        self._routed = bool(self._routes.routes)
         self._max_body = config.server.max_body_size
         self._body_timeout = config.server.body_timeout
         self._all_paths = config.logging.all_paths
@@ -161,8 +166,12 @@ class Forwarder:
         if reason is not None:
             return json_error(400, reason, "invalid_request_error", "proxy_refused")
         method = request.method
-        api = "chat" if method == "POST" and request.path[-17:] == "/chat/completions" else None
-        call = self._call(request, method, api) if api is not None or self._all_paths else None
+        target = request.raw_path
+        route = self._default
+        if self._routed:
+            route, target = self._routes.pick(target)
+        api = api_of(method, request.path)
+        call = self._call(request, method, api, route.url) if api is not None or self._all_paths else None
         try:
             if request.content_length is not None and request.content_length > self._max_body:
                 return self._too_large(call)
@@ -180,7 +189,7 @@ class Forwarder:
             if call is not None and api is not None:
                 call.body = body
                 # only a streaming request can need usage injected: anything else is read by the writer
-                if self._inject_usage and b'"stream"' in body:
+                if self._inject_usage and api in USAGE_INJECTED_APIS and b'"stream"' in body:
                     call.facts = inspect_request(body, inject_usage=True)
                     send = call.facts.body
 
@@ -188,19 +197,20 @@ class Forwarder:
             try:
                 upstream = await self.session.request(
                     method,
-                    URL(self._upstream + request.raw_path, encoded=True),
+                    URL(route.url + target, encoded=True),
                     data=send if send else None,
                     headers=headers,
                     allow_redirects=False,
                     skip_auto_headers=SKIP_AUTO_HEADERS,
+                    timeout=route.timeout,
                 )
             except (TimeoutError, aiohttp.ServerTimeoutError):
-                return self._failed(call, 504, "timeout", "upstream timed out before responding")
+                return self._failed(call, route.url, 504, "timeout", "upstream timed out before responding")
             except aiohttp.ClientConnectorError as exc:
-                return self._failed(call, 502, "unreachable", f"upstream unreachable: {exc}")
+                return self._failed(call, route.url, 502, "unreachable", f"upstream unreachable: {exc}")
             except aiohttp.ClientError as exc:
                 message = f"upstream failed before responding: {type(exc).__name__}: {exc}"
-                return self._failed(call, 502, "upstream_error", message)
+                return self._failed(call, route.url, 502, "upstream_error", message)
 
             try:
                 if call is None:
@@ -210,11 +220,11 @@ class Forwarder:
                 upstream.release()
         except asyncio.CancelledError:
             if call is not None and not call.done:
-                self.submit(call.capture(self._upstream, DISCONNECTED))
+                self.submit(call.capture(DISCONNECTED))
             raise
 
     @staticmethod
-    def _call(request: web.Request, method: str, api: str | None) -> _Call:
+    def _call(request: web.Request, method: str, api: str | None, upstream: str) -> _Call:
         started = time.perf_counter()
         headers = request.headers
         key = bearer_key(headers)
@@ -227,6 +237,7 @@ class Forwarder:
             time.time(),
             method[:16],
             redact_secrets(path, secrets) if secrets else path,  # a key may sit in the path itself
+            upstream,
             api,
             secrets,
             key_fingerprint(key) if key is not None else None,
@@ -239,7 +250,7 @@ class Forwarder:
         request_id = None
         if call is not None:
             # refused by the proxy itself: the upstream never saw it
-            self.submit(call.capture(self._upstream, ("rejected", message), status=413))
+            self.submit(call.capture(("rejected", message), status=413))
             request_id = call.request_id
         return json_error(413, message, "invalid_request_error", "request_too_large", request_id)
 
@@ -249,7 +260,7 @@ class Forwarder:
         message = f"request body not received within {self._body_timeout:g}s (server.body_timeout)"
         request_id = None
         if call is not None:
-            self.submit(call.capture(self._upstream, ("rejected", message), status=408))
+            self.submit(call.capture(("rejected", message), status=408))
             request_id = call.request_id
         response = json_error(408, message, "invalid_request_error", "request_timeout", request_id)
         response.force_close()
@@ -260,15 +271,15 @@ class Forwarder:
             request.transport.close()
         return response
 
-    def _failed(self, call: _Call | None, status: int, outcome: str, message: str) -> web.Response:
+    def _failed(self, call: _Call | None, upstream: str, status: int, outcome: str, message: str) -> web.Response:
         request_id = None
         if call is not None:
-            self.submit(call.capture(self._upstream, (outcome, message)))
+            self.submit(call.capture((outcome, message)))
             request_id = call.request_id
             if call.secrets:
                 message = redact_secrets(message, call.secrets)
         if outcome != "upstream_error":  # unreachable, timeout: the operator wants to know
-            _upstream_trouble.log(logging.WARNING, "%s: %s", self._upstream, message)
+            _upstream_trouble.log(logging.WARNING, "%s: %s", upstream, message)
         code = "upstream_timeout" if status == 504 else "upstream_unreachable"
         return json_error(status, message, "proxy_error", code, request_id)
 
@@ -341,9 +352,7 @@ class Forwarder:
         failure: tuple[str, str] | None,
     ) -> None:
         self.submit(
-            call.capture(
-                self._upstream, failure, upstream=upstream, event_stream=event_stream, headers_at=headers_at, copy=copy
-            )
+            call.capture(failure, upstream=upstream, event_stream=event_stream, headers_at=headers_at, copy=copy)
         )
 
     @classmethod

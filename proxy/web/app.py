@@ -11,6 +11,7 @@ from aiohttp import web
 from ..config import Config
 from ..relay.handler import Forwarder, json_error
 from ..relay.policy import refusal
+from ..relay.routing import client_timeout
 from ..store.engine import create_engine
 from ..store.migrate import upgrade
 from ..store.pricing.pricer import Pricer
@@ -62,12 +63,7 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     upstream = app[CONFIG].upstream
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=upstream.connect_timeout,
-        sock_connect=upstream.connect_timeout,
-        sock_read=upstream.read_timeout,
-    )
+    timeout = client_timeout(upstream.connect_timeout, upstream.read_timeout)
     connector = aiohttp.TCPConnector(limit=upstream.max_connections, ttl_dns_cache=300)
     session = aiohttp.ClientSession(
         connector=connector,

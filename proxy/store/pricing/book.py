@@ -3,10 +3,11 @@
 A `PriceBook` built from price entries answers "what did model M cost at time T", and `compute_cost`
 turns token counts into exact USD.
 
-Token conventions (OpenAI/OpenRouter): `prompt_tokens` includes cached and cache-write tokens, and
-`completion_tokens` includes reasoning tokens. So cached tokens are billed at the cache-read rate
-instead of the prompt rate (not on top of it), and reasoning tokens move from the completion rate to
-the reasoning rate only when a model prices them separately.
+Token conventions (OpenAI's, which the parsers apply to every API, Anthropic's included): `prompt_tokens`
+includes cached and cache-write tokens, and `completion_tokens` includes reasoning tokens. So cached
+tokens are billed at the cache-read rate instead of the prompt rate (not on top of it), and reasoning
+tokens move from the completion rate to the reasoning rate only when a model prices them separately.
+Embeddings generate nothing: their input is billed at the prompt rate alone.
 """
 
 from __future__ import annotations
@@ -56,8 +57,14 @@ def compute_cost(
     cached_tokens: int | None = None,
     cache_write_tokens: int | None = None,
     reasoning_tokens: int | None = None,
+    *,
+    input_only: bool = False,
 ) -> Decimal | None:
-    """Exact USD for one call, or None when the token counts are unknown (never a guessed 0)."""
+    """Exact USD for one call, or None when the token counts are unknown (never a guessed 0).
+
+    input_only: a call with no output (embeddings), priced from its prompt tokens alone."""
+    if input_only and completion_tokens is None:
+        completion_tokens = 0
     if prompt_tokens is None or completion_tokens is None:
         return None
     cached = min(cached_tokens or 0, prompt_tokens)
@@ -169,6 +176,7 @@ class PriceBook:
             row.cached_tokens,
             row.cache_write_tokens,
             row.reasoning_tokens,
+            input_only=getattr(row, "api", None) == "embeddings",
         )
 
     def apply(self, records: Sequence[CompletionRecord]) -> None:

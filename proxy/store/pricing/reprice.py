@@ -33,6 +33,7 @@ REPRICE_COLUMNS = (
     "cached_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "api",
     "cost",
 )
 _reprice_update = (
