@@ -413,6 +413,21 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path)
 
 
+def check_database_url(url: str) -> None:
+    """Raise ConfigError for a database URL that can never work (a SQLite file whose directory is missing
+    or not writable, or that names a directory); a database that is only down is not checked here."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"database.url: {path} is a directory, not a SQLite file")
+    if not directory.is_dir():
+        raise ConfigError(f"database.url: the directory {directory} of the SQLite file does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"database.url: the directory {directory} of the SQLite file is not writable")
+
+
 def default_spool_dir(config: DatabaseConfig) -> Path:
     """Next to the SQLite file, or ./chatledger-spool for server databases."""
     if config.spool_dir:

@@ -1,36 +1,42 @@
-"""Running the proxy: one process, or N worker processes sharing the port with SO_REUSEPORT."""
+"""Running the proxy: one process, or N supervised worker processes sharing the port with SO_REUSEPORT.
+
+The listening sockets are bound before "listening" is printed (listen.py), and the database URL is checked
+for what can never work (config.check_database_url); a database that is merely down does not stop the start:
+the app migrates in the background (web/startup.py) while calls are spooled."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import socket
 import sys
 import threading
-from types import FrameType
+from collections.abc import Sequence
 
 from aiohttp import web
 
-from .config import Config, redact_url
+from .config import Config, ConfigError, check_database_url, redact_url
+from .listen import BindError, bind, close
 from .logs import configure as configure_logging
 from .relay.server_compat import make_runner
 from .runtime import install_uvloop, raise_file_limit, tune_garbage_collector
-from .store.migrate import upgrade_url
 from .web.app import create_app
+from .web.appkeys import RECORDER
 from .web.auth import is_loopback
+from .workers import supervise
 
 log = logging.getLogger("chatledger")
 
 EXIT_GRACE = 5.0
 
 
-def run_worker(config: Config, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting, give in-flight requests shutdown_grace
-    seconds, drain the queue to the database or the spool, and return.
+def run_worker(config: Config, sockets: Sequence[socket.socket]) -> int:
+    """Serve on `sockets` until SIGTERM/SIGINT, then stop accepting, give in-flight requests shutdown_grace
+    seconds, drain the queue to the database or the spool, and return the exit status: 1 when records
+    were lost (counted and logged), 0 otherwise.
 
     Not web.run_app: its teardown waits without bound for every task left after cleanup, and the
     interpreter then waits for every non-daemon thread (aiosqlite runs one per connection). A
@@ -42,7 +48,7 @@ def run_worker(config: Config, reuse_port: bool = False) -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve_until_signalled(config, reuse_port))
+        code = loop.run_until_complete(_serve_until_signalled(config, sockets))
     finally:
         _close_loop(loop)
     stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
@@ -51,19 +57,20 @@ def run_worker(config: Config, reuse_port: bool = False) -> None:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    return code
 
 
-async def _serve_until_signalled(config: Config, reuse_port: bool) -> None:
-    app = create_app(config, migrate=False)
+async def _serve_until_signalled(config: Config, sockets: Sequence[socket.socket]) -> int:
+    app = create_app(config)
     grace = config.server.shutdown_grace
     runner = make_runner(
         app, config, handle_signals=False, shutdown_timeout=grace, handler_cancellation=True, access_log=None
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None)
-        await site.start()
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
         tune_garbage_collector()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -78,8 +85,14 @@ async def _serve_until_signalled(config: Config, reuse_port: bool) -> None:
         await stop.wait()
         log.info("shutting down: no new connections; in-flight requests get up to %gs", grace)
     finally:
-        await runner.cleanup()  # stops the site, waits for handlers, then the app's cleanup drains the queue
+        await runner.cleanup()  # stops the sites, waits for handlers, then the app's cleanup drains the queue
+    recorder = app.get(RECORDER)
+    lost = 0 if recorder is None else recorder.stats().rows_lost
+    if lost:
+        log.error("shut down with %d record(s) lost (see the errors above); exit status 1", lost)
+        return 1
     log.info("shut down cleanly")
+    return 0
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -100,57 +113,52 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def serve(config: Config) -> int:
-    if config.database.auto_migrate:
-        asyncio.run(upgrade_url(config.database.url))
-    if not is_loopback(config.server.host) and not config.admin.token:
+    """Check what can be checked before serving (exit 2, one line on stderr), bind, then serve."""
+    try:
+        check_database_url(config.database.url)
+    except ConfigError as exc:
+        print(f"chatledger: {exc}", file=sys.stderr)
+        return 2
+    workers = config.server.workers
+    if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        print("chatledger: server.workers > 1 needs SO_REUSEPORT, which this platform lacks", file=sys.stderr)
+        return 2
+    host, port = config.server.host, config.server.port
+    socket_sets: list[list[socket.socket]] = []
+    try:
+        for _ in range(workers):
+            socket_sets.append(bind(host, port, reuse_port=workers > 1))
+            if port == 0:  # an ephemeral port: the other workers join the one the first was given
+                port = socket_sets[0][0].getsockname()[1]
+    except BindError as exc:
+        for sockets in socket_sets:
+            close(sockets)
+        print(f"chatledger: {exc}", file=sys.stderr)
+        return 2
+    if not is_loopback(host) and not config.admin.token:
         log.warning(
             "listening on %s without [admin] token: the /_ledger/api endpoints will refuse every request; "
             "set admin.token (or CHATLEDGER_ADMIN_TOKEN) to use them",
-            config.server.host,
+            host,
         )
-    workers = config.server.workers
     log.info(
         "chatledger listening on http://%s:%d -> %s, database %s%s",
-        config.server.host,
-        config.server.port,
+        host,
+        port,
         config.upstream.url,
         redact_url(config.database.url),
         f", {workers} workers" if workers > 1 else "",
     )
-    if workers == 1:
-        run_worker(config)
-        return 0
-    return _run_workers(config, workers)
+    try:
+        if workers == 1:
+            return run_worker(config, socket_sets[0])
+        return supervise(config, socket_sets, _worker_main)
+    finally:
+        for sockets in socket_sets:
+            close(sockets)
 
 
-def _run_workers(config: Config, workers: int) -> int:
-    if not hasattr(socket, "SO_REUSEPORT"):
-        log.error("server.workers > 1 needs SO_REUSEPORT, which this platform lacks")
-        return 2
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_worker_main, args=(config,), name=f"chatledger-worker-{n}")
-        for n in range(workers)
-    ]
-    for process in processes:
-        process.start()
-
-    def forward_signal(signum: int, _frame: FrameType | None) -> None:
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward_signal)
-    signal.signal(signal.SIGINT, forward_signal)
-    code = 0
-    for process in processes:
-        process.join()
-        if process.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT):
-            code = 1
-    return code
-
-
-def _worker_main(config: Config) -> None:
+def _worker_main(config: Config, sockets: Sequence[socket.socket]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     configure_logging(config.logging)
-    run_worker(config, reuse_port=True)
+    sys.exit(run_worker(config, sockets))

@@ -13,25 +13,27 @@ from ..relay.handler import Forwarder, json_error
 from ..relay.policy import refusal
 from ..relay.routing import client_timeout
 from ..store.engine import create_engine
-from ..store.migrate import upgrade
 from ..store.pricing.pricer import Pricer
 from ..writer.link import RecorderLink
 from ..writer.protocol import Recorder
 from ..writer.recorder import BatchRecorder, batch_hook
 from .api import add_routes as add_api_routes
-from .appkeys import CONFIG, ENGINE, FORWARDER, METRICS, PRICER, RECORDER
+from .appkeys import CONFIG, ENGINE, FORWARDER, METRICS, PRICER, RECORDER, STARTUP
 from .health import health
 from .metrics import LedgerMetrics
 from .router import LEDGER_PREFIX, ProxyRouter, new_app
+from .startup import DatabaseStartup
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     engine = create_engine(config.database.url)
-    if config.database.auto_migrate and app.get(_MIGRATE, True):
-        await upgrade(engine)
+    startup = DatabaseStartup(engine, migrate=config.database.auto_migrate and app.get(_MIGRATE, True))
+    await startup.start()  # a database that does not answer is retried in the background
     app[ENGINE] = engine
+    app[STARTUP] = startup
     yield
+    await startup.stop()
     await engine.dispose()
 
 
@@ -49,7 +51,7 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
     config, metrics = app[CONFIG], app[METRICS]
     recorder: Recorder
     if config.database.writer == "process":
-        recorder = RecorderLink(config, metrics.apply)
+        recorder = RecorderLink(config, metrics.apply, app[PRICER].apply)
     else:
         hook = batch_hook(app[PRICER], metrics.observe, config.logging.access_log)
         recorder = BatchRecorder.from_config(app[ENGINE], config.database, hook)
@@ -58,7 +60,8 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
     app[RECORDER] = recorder
     app[FORWARDER].submit = recorder.submit
     yield
-    await recorder.close()
+    # as long as in-flight requests got: past it, what the writer has not written goes to the spool
+    await recorder.close(timeout=max(1.0, config.server.shutdown_grace))
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

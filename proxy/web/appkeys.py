@@ -11,6 +11,7 @@ from ..relay.handler import Forwarder
 from ..store.pricing.pricer import Pricer
 from ..writer.protocol import Recorder
 from .metrics import LedgerMetrics
+from .startup import DatabaseStartup
 
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", AsyncEngine)
@@ -18,3 +19,4 @@ RECORDER = web.AppKey("recorder", Recorder)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 PRICER = web.AppKey("pricer", Pricer)
 METRICS = web.AppKey("metrics", LedgerMetrics)
+STARTUP = web.AppKey("startup", DatabaseStartup)

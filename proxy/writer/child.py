@@ -2,8 +2,10 @@
 
 It reads Items frames from stdin, parses each captured call as it arrives (parse.materialize) and hands
 the records to its recorder; four times a second it reports its WriterStats and the batches' metric sums
-on stdout. It stops when its parent says Close or its stdin ends, after draining to the database or the
-spool. See link.py for the parent's side.
+on stdout. It stops when its parent says Close or its stdin ends, after draining to the database for the
+Close's drain seconds and spooling the rest. SIGUSR1 (the parent's shutdown deadline) stops it reading
+at once: what it holds is spooled, and the parent spools the calls it never read. See link.py for the
+parent's side.
 """
 
 from __future__ import annotations
@@ -81,10 +83,16 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     writer.writelines(frame(Ready()))
     reporter = asyncio.create_task(report())
     pending: set[asyncio.Task[None]] = set()
-    try:
+    drain = 30.0
+
+    async def read() -> None:
+        nonlocal received, drain
         while True:
             message = await reader.next()
-            if message is None or type(message) is Close:
+            if message is None:
+                break
+            if type(message) is Close:
+                drain = message.drain
                 break
             if type(message) is Items:
                 # parsed as they arrive, a frame (a few ms of traffic) at a time: the raw copies are
@@ -103,9 +111,23 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
                 task = asyncio.create_task(answer_when_idle(message.token))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+
+    reading = asyncio.create_task(read())
+    stopped = False
+
+    def stop_now() -> None:
+        nonlocal stopped
+        stopped = True
+        reading.cancel()
+        recorder.hurry()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stop_now)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
     finally:
         reporter.cancel()
-        await recorder.close()
+        await recorder.close(timeout=0.0 if stopped else drain)
         await pricer.stop()
         await engine.dispose()
         with contextlib.suppress(Exception):

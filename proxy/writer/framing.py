@@ -38,7 +38,7 @@ class IdleRequest(NamedTuple):
 
 
 class Close(NamedTuple):
-    pass
+    drain: float = 30.0  # seconds the child may spend writing to the database before it spools the rest
 
 
 # child -> parent

@@ -8,8 +8,12 @@ milliseconds as one frame over the child's stdin (framing.py); a long response's
 shared-memory ring instead (ring.py). The child answers on its stdout with its WriterStats and each
 batch's metric sums, so /_ledger/health and /_ledger/metrics read the same figures either way.
 
-If the child dies, the records it held only in memory are lost, as they would be if the whole process
-died: they are counted in rows_lost and logged, and a new child is started.
+The serving process keeps every call it sent until the child reports having read it (a few ms normally;
+as long as the pipe is backed up otherwise). If the child dies, those calls go to the new child; the
+records it had read and held only in memory are lost, as they would be if the whole process died: they are
+counted in rows_lost and logged. On shutdown (close) the child gets the drain time to write; past it the
+child is told to stop reading (SIGUSR1) and spool what it holds, and the calls it never read are spooled
+here, so a backlog goes to the spool instead of being dropped.
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
+import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ..config import Config, default_spool_dir
 from ..parse import Capture, CompletionRecord, materialize
 from ..parse.decoders import is_identity
+from ..store.rows import record_to_row
 from .framing import Close, IdleReply, IdleRequest, Items, Ready, Start, StatsReport, frame, read_frame, widen_pipe
 from .protocol import WriterStats
 from .ring import RingWriter, in_ring, make_ring_writer, via_ring
@@ -38,14 +46,21 @@ log = logging.getLogger(__name__)
 SEND_INTERVAL = 0.02  # how long a record may wait in the outbox: batching frames saves syscalls
 START_TIMEOUT = 60.0
 BEHIND_LOG_INTERVAL = 60.0
+STOP_GRACE = 10.0  # after SIGUSR1: time for the child to spool what it holds before it is killed
 
 
 class RecorderLink:
     """The Recorder interface (protocol.py), backed by the writer process."""
 
-    def __init__(self, config: Config, on_summary: Callable[[BatchSummary], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        on_summary: Callable[[BatchSummary], None],
+        price: Callable[[list[CompletionRecord]], None] | None = None,
+    ) -> None:
         self._config = config
         self._on_summary = on_summary
+        self._price = price  # for the calls spooled here at shutdown
         self._backlog_bytes = config.database.writer_backlog_mb * 1024 * 1024
         # more than a batch, and a tenth of the records the child may hold
         queue_max = config.database.queue_max
@@ -66,7 +81,9 @@ class RecorderLink:
         self.calls_parsed_here = 0  # captured calls this process parsed while the child was behind
         self._sent = 0  # records sent to the current child; it reports how many it received
         self._received = 0
+        self._unread: deque[Capture | CompletionRecord] = deque()  # sent, not yet reported read
         self._lost_here = 0
+        self._spooled_here = 0
         self._child_stats = WriterStats()  # as of the child's last report
 
     # ---- the Recorder interface -----------------------------------------------------------------
@@ -85,6 +102,7 @@ class RecorderLink:
         return dataclasses.replace(
             child,
             rows_lost=child.rows_lost + self._lost_here,
+            rows_spooled=child.rows_spooled + self._spooled_here,
             queue_depth=child.queue_depth + self.in_flight + len(self._outbox),  # in the child, the pipe, here
             degraded=child.degraded or self._lost_here > 0,
             calls_parsed_in_server=self.calls_parsed_here,
@@ -123,7 +141,6 @@ class RecorderLink:
         return self._was_behind
 
     @property
-
     def in_flight(self) -> int:
         """Records sent that the child had not read at its last report."""
         return max(0, self._sent - self._received)
@@ -144,26 +161,68 @@ class RecorderLink:
             self._waiters.pop(token, None)
 
     async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-        """Send what is left, let the child drain to the database (or its spool), and wait for it."""
+        """Send what is left and give the child `timeout` seconds to write it; past that, it spools what
+        it holds (SIGUSR1) and the calls it never read are spooled here. Whatever could go nowhere is
+        counted in rows_lost and logged as an error."""
         self._closing = True
         self._send_outbox()
         process = self._process
-        if process is None:
-            return
-        self._send(Close())
-        with contextlib.suppress(Exception):
-            if process.stdin is not None:
-                process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), timeout + 5)
-        except TimeoutError:
-            log.error("writer process did not finish within %.0fs; killing it", timeout + 5)
-            process.kill()
-            await process.wait()
-        if self._reader_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self._reader_task, 5)
+        if process is not None:
+            self._send(Close(drain=max(0.0, timeout - 1)))
+            with contextlib.suppress(Exception):
+                if process.stdin is not None:
+                    process.stdin.close()
+            if not await self._exited(process, timeout):
+                log.warning(
+                    "writer process still busy after %.0fs (%d call(s) unread); it spools what it holds",
+                    timeout,
+                    len(self._unread),
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGUSR1)
+                if not await self._exited(process, STOP_GRACE):
+                    held = self._child_stats.queue_depth
+                    log.error("writer process did not stop within %.0fs; killing it", STOP_GRACE)
+                    process.kill()
+                    await process.wait()
+                    self._lose(held, "the writer process was killed at shutdown holding them")
+            if self._reader_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(self._reader_task, 5)
+        left = [self._off_ring(item) for item in (*self._unread, *self._outbox)]
+        self._unread.clear()
+        self._outbox = []
         self._close_ring()
+        if left:
+            await self._spool_here(left)
+
+    async def _exited(self, process: asyncio.subprocess.Process, timeout: float) -> bool:  # noqa: ASYNC109
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _spool_here(self, items: list[Capture | CompletionRecord]) -> None:
+        """Calls the child never read, parsed and spooled by this process at shutdown."""
+
+        def spool() -> int:
+            records = [materialize(item) if type(item) is Capture else item for item in items]
+            if self._price is not None:
+                try:
+                    self._price(records)
+                except Exception:
+                    log.exception("pricing the calls spooled at shutdown failed")
+            return self.spool.append([record_to_row(record) for record in records])
+
+        try:
+            written = await asyncio.to_thread(spool)
+        except Exception as exc:
+            self._lose(len(items), f"could not spool them at shutdown: {exc}")
+            return
+        self._spooled_here += written
+        log.warning("spooled %d call(s) the writer process had not read; they are replayed at the next start", written)
+        self.spool.close()
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
@@ -213,7 +272,6 @@ class RecorderLink:
         if not self._outbox:
             return
         items, self._outbox = self._outbox, []
-        self._sent += len(items)
         if self._behind():
             # an encoded response is left to the child: decoding one costs far more than its size here
             raw = [
@@ -225,7 +283,13 @@ class RecorderLink:
                 items[index] = materialize(items[index])
             self.calls_parsed_here += len(raw)
         if not self._send(Items(items)):
-            self._lose(len(items), "the writer process is not running")
+            if self._closing:
+                self._outbox = items + self._outbox  # spooled here by close()
+            else:
+                self._lose(len(items), "the writer process is not running")
+            return
+        self._sent += len(items)
+        self._unread.extend(items)
 
     def _off_ring(self, item: Capture | CompletionRecord) -> Capture | CompletionRecord:
         if type(item) is not Capture or not in_ring(item):
@@ -255,7 +319,10 @@ class RecorderLink:
             if message is None:
                 break
             if type(message) is StatsReport:
-                self._child_stats, self._received = message.stats, message.received
+                self._child_stats = message.stats
+                for _ in range(min(len(self._unread), message.received - self._received)):
+                    self._unread.popleft()
+                self._received = message.received
                 if message.summary is not None:
                     self._on_summary(message.summary)
             elif type(message) is IdleReply:
@@ -272,9 +339,10 @@ class RecorderLink:
             self._died(code)
 
     def _died(self, code: int) -> None:
-        held = self._child_stats.queue_depth + self._sent - self._received
-        self._lose(held, f"the writer process exited with code {code}")
+        self._lose(self._child_stats.queue_depth, f"the writer process exited with code {code}")
         self._child_stats = dataclasses.replace(self._child_stats, queue_depth=0)
+        self._outbox = [*self._unread, *self._outbox]  # never read by the old child: the new one gets them
+        self._unread.clear()
         self._sent = self._received = 0
         for waiter in self._waiters.values():
             if not waiter.done():

@@ -28,6 +28,7 @@ class WriterStats:
     spool_ok: bool = True
     degraded: bool = False
     last_error: str | None = None
+    file_problem: str | None = None  # the SQLite file was replaced or deleted under the writer (until reopened)
     calls_parsed_in_server: int | None = None  # only with a writer process: calls parsed while it was behind
 
 

@@ -111,6 +111,7 @@ class BatchRecorder:
         self._task: asyncio.Task[None] | None = None
         self._guard_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._hurry = asyncio.Event()
         self._db = Health()
         self._disk = Health()
         self._backlog = True  # check for leftovers of an earlier run at start
@@ -187,14 +188,16 @@ class BatchRecorder:
         self._guard_task = asyncio.create_task(self._guard(), name="chatledger-recorder-guard")
 
     async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-        """Drain everything to the database (or the spool) and stop."""
+        """Drain to the database for up to `timeout` seconds (less if hurry() is called), then spool
+        what is left and stop; what the spool refuses is counted as lost and logged."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except TimeoutError:
-                log.error("recorder did not drain within %.0fs; spooling what is left", timeout)
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            done, _ = await asyncio.wait({self._task, hurry}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+            if self._task not in done:
+                log.error("recorder did not drain within its %.0fs; spooling what is left", timeout)
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
@@ -202,14 +205,6 @@ class BatchRecorder:
             self._guard_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._guard_task
-        if self._abandoned:
-            # timed-out writes: let them end (SQLite's busy_timeout ends them) before the engine goes
-            # away; cancelling one now could leave its cleanup waiting on a closed aiosqlite thread
-            _, stuck = await asyncio.wait(set(self._abandoned), timeout=ABANDONED_GRACE)
-            for task in stuck:
-                task.cancel()
-            if stuck:
-                await asyncio.wait(stuck, timeout=1.0)
         self._replay.release()
         rows = list(self._unsaved) + self._rows([record for _, record in self._pending] + self._overflow)
         self._unsaved.clear()
@@ -222,7 +217,19 @@ class BatchRecorder:
                 self._losses.lose(len(rows), exc, log_now=True)
         self._losses.log_now(None)
         await asyncio.to_thread(self.spool.close)
+        if self._abandoned:
+            # timed-out writes: let them end (SQLite's busy_timeout ends them) before the engine goes
+            # away; cancelling one now could leave its cleanup waiting on a closed aiosqlite thread
+            _, stuck = await asyncio.wait(set(self._abandoned), timeout=ABANDONED_GRACE)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=1.0)
         self._idle.set()
+
+    def hurry(self) -> None:
+        """Stop draining to the database now: close() spools what is left (the shutdown deadline)."""
+        self._hurry.set()
 
     async def wait_idle(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Wait until every submitted record has been written or spooled (tests, shutdown)."""
@@ -330,6 +337,10 @@ class BatchRecorder:
             self._inflight, self._inflight_spooled, self._inflight_since = rows, False, since
             try:
                 await self._timed(self._insert(rows))
+            except asyncio.CancelledError:
+                if not self._inflight_spooled:  # close() spools them; replay drops a duplicate if committed
+                    self._unsaved.extendleft(reversed(rows))
+                raise
             except Exception as exc:
                 if is_data_error(exc):
                     log.error(
