@@ -258,7 +258,8 @@ def test_binding_beyond_loopback_without_a_token_warns(
 
     ran: list[Any] = []
     monkeypatch.setattr(server, "run_worker", lambda config, sockets: ran.append(config) or 0)
-    config = load(None, {("server", "host"): host, ("server", "port"): 0, ("admin", "token"): token or None}, environ={})
+    overrides = {("server", "host"): host, ("server", "port"): 0, ("admin", "token"): token or None}
+    config = load(None, overrides, environ={})
     config = config.replace("database", auto_migrate=False)
     caplog.set_level(logging.WARNING, "chatledger")
     assert server.serve(config) == 0
