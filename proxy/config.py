@@ -98,9 +98,13 @@ class ModelPrice:
     reasoning: Decimal | None = None
 
 
+PRICE_RELOAD_INTERVAL = 60.0
+
+
 @dataclass(frozen=True, slots=True)
 class PricingConfig:
     models: dict[str, ModelPrice] = field(default_factory=dict)
+    reload_interval: float = PRICE_RELOAD_INTERVAL  # how often a running proxy reloads the price table
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +188,12 @@ def _price(key: str, value: Any) -> Decimal:
 def _parse_pricing(table: Any) -> PricingConfig:
     if not isinstance(table, dict):
         raise ConfigError("pricing: expected a table")
-    unknown = set(table) - {"models"}
+    unknown = set(table) - {"models", "reload_interval"}
     if unknown:
         raise ConfigError(f"pricing.{sorted(unknown)[0]}: unknown key")
+    reload_interval = table.get("reload_interval", PRICE_RELOAD_INTERVAL)
+    if isinstance(reload_interval, bool) or not isinstance(reload_interval, int | float) or reload_interval <= 0:
+        raise ConfigError(f"pricing.reload_interval: expected seconds > 0, got {reload_interval!r}")
     models_table = table.get("models", {})
     if not isinstance(models_table, dict):
         raise ConfigError("pricing.models: expected a table")
@@ -206,7 +213,7 @@ def _parse_pricing(table: Any) -> PricingConfig:
         models[pattern] = ModelPrice(
             **{name: _price(f"{prefix}.{name}", value) for name, value in entry.items()}
         )
-    return PricingConfig(models=models)
+    return PricingConfig(models=models, reload_interval=float(reload_interval))
 
 
 _ROUTE_KEYS = {"prefix": str, "url": str, "connect_timeout": float, "read_timeout": float}

@@ -86,6 +86,8 @@ def _run(config: Config, job: Callable[[Any], Any], *, write: bool = False) -> A
 
                 await upgrade(engine)
             return await job(engine)
+        except BrokenPipeError:
+            raise  # the reader of our output went away (`| head`): not a database problem
         except (OSError, SQLAlchemyError) as exc:
             detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise CommandError(f"database {redact_url(config.database.url)}: {detail}") from None
@@ -113,7 +115,7 @@ def _print_json(value: Any, *, indent: bool = False) -> None:
 
 
 def logs(args: argparse.Namespace, config: Config) -> int:
-    from ..store.queries import fetch_completion
+    from ..store.queries import AmbiguousId, fetch_completion
 
     if args.action:
         if len(args.action) != 2 or args.action[0] != "show":
@@ -124,7 +126,13 @@ def logs(args: argparse.Namespace, config: Config) -> int:
             async with engine.connect() as conn:
                 return await fetch_completion(conn, ident)
 
-        rows = _run(config, one)
+        try:
+            rows = _run(config, one)
+        except AmbiguousId as exc:
+            shown = ", ".join(exc.request_ids[:10]) + (", ..." if len(exc.request_ids) > 10 else "")
+            raise UsageError(
+                f"{ident!r} matches {len(exc.request_ids)} request ids ({shown}); give more characters"
+            ) from None
         if not rows:
             raise CommandError(f"no completion with request id or completion id {ident!r}")
         if args.json:
@@ -231,6 +239,10 @@ def prices_sync(args: argparse.Namespace, config: Config) -> int:
         print(
             f"{len(prices):,} priced model(s) from {url}: {new:,} new, {changed:,} changed, "
             f"{result['unchanged']:,} unchanged"
+        )
+        print(
+            f"a running `chatledger serve` applies them within {config.pricing.reload_interval:g} s "
+            "(pricing.reload_interval)"
         )
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -11,6 +12,7 @@ from ..config import Config, ConfigError, load
 from ..logs import configure as configure_logging
 from . import commands as run
 from .commands import CommandError, UsageError
+from .escape import terminal_text
 
 
 def _common(parser: argparse.ArgumentParser, *, json: bool = True) -> None:
@@ -162,15 +164,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, config)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `chatledger export | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `chatledger export | head`: the reader has all it wanted
+        _silence_stdout()
         return 0
     except ConfigError as exc:
-        print(f"chatledger: config error: {exc}", file=sys.stderr)
+        print(f"chatledger: config error: {terminal_text(exc)}", file=sys.stderr)
         return 2
     except UsageError as exc:
-        print(f"chatledger: {exc}", file=sys.stderr)
+        print(f"chatledger: {terminal_text(exc)}", file=sys.stderr)
         return 2
     except CommandError as exc:
-        print(f"chatledger: {exc}", file=sys.stderr)
+        print(f"chatledger: {terminal_text(exc)}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe stays quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)

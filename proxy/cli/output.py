@@ -14,13 +14,13 @@ from ..store.filters import Filters
 from ..store.pricing.book import RATE_FIELDS, PriceEntry
 from ..store.queries import COLUMNS, iter_completions, short_id, to_json
 from ..store.stats import Stats, StatsRow
+from .escape import csv_cell, terminal_text
 
 MAX_CELL = 40
 
 
 def _cell(value: Any, width: int = MAX_CELL) -> str:
-    text = "" if value is None else str(value)
-    text = text.replace("\n", " ")
+    text = "" if value is None else terminal_text(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -104,10 +104,10 @@ def format_completion(row: dict[str, Any]) -> str:
             value = to_json(value).decode()
         elif name == "cost":
             value = f"{value:f} ({row.get('cost_source')})"
-        lines.append(f"{name:<{width}}  {value}")
+        lines.append(f"{name:<{width}}  {terminal_text(value)}")
     for choice in row["choices"]:
         detail = ", ".join(f"{k}={v}" for k, v in choice.items() if k != "index" and v is not None)
-        lines.append(f"{'choice ' + str(choice['index']):<{width}}  {detail}")
+        lines.append(f"{'choice ' + str(choice['index']):<{width}}  {terminal_text(detail)}")
     return "\n".join(lines)
 
 
@@ -195,7 +195,9 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict | list):
-        return to_json(value).decode()
+        return csv_cell(to_json(value).decode())
+    if isinstance(value, str):
+        return csv_cell(value)
     return value
 
 
@@ -207,7 +209,7 @@ async def export_rows(engine: AsyncEngine, filters: Filters, fmt: str, out: Text
         writer.writerow([*COLUMNS, "finish_reasons"])
     async for row in iter_completions(engine, filters, limit=limit):
         if writer is not None:
-            finish = ",".join(str(ch["finish_reason"] or "") for ch in row["choices"])
+            finish = csv_cell(",".join(str(ch["finish_reason"] or "") for ch in row["choices"]))
             writer.writerow([*(_csv_value(row[name]) for name in COLUMNS), finish])
         else:
             out.write(to_json(row).decode() + "\n")

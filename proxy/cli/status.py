@@ -12,6 +12,7 @@ from ..store.engine import create_engine
 from ..store.migrate import current_revision, head_revision
 from ..store.models import ApiKey, Completion, CompletionChoice, Price
 from ..writer.spool import REJECTED_GLOB, SEGMENT_GLOB, count_lines
+from .escape import terminal_text
 
 
 def _spool_files(directory: Path, pattern: str) -> dict[str, int]:
@@ -84,4 +85,4 @@ def format_status(status: dict[str, Any]) -> str:
             f"rejected:  {rejected['records']:,} record(s) the database refused, in {rejected['files']} "
             f"rejected-*.jsonl file(s)"
         )
-    return "\n".join(lines)
+    return "\n".join(terminal_text(line) for line in lines)

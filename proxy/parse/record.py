@@ -12,6 +12,8 @@ from decimal import Decimal
 from typing import Any
 
 APIS = ("chat", "responses", "embeddings", "completions", "messages")  # completions.api values
+# completions.outcome values (docs/reference/schema.md#outcomes says what each means)
+OUTCOMES = ("ok", "upstream_error", "unreachable", "timeout", "client_disconnected", "unparsed", "rejected")
 
 @dataclass(slots=True)
 class ChoiceRecord:

@@ -17,7 +17,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..credentials import key_fingerprint
-from ..parse.record import APIS
+from ..parse.record import APIS, OUTCOMES
 from .models import ApiKey, completions_table
 
 c = completions_table.c
@@ -111,6 +111,9 @@ def parse_filters(params: Mapping[str, Any], now: datetime | None = None) -> Fil
     api = one("api")
     if api is not None and api not in APIS:
         raise FilterError("api", f"expected one of {', '.join(APIS)}, got {api!r}")
+    outcome = one("outcome")
+    if outcome is not None and outcome not in OUTCOMES:
+        raise FilterError("outcome", f"expected one of {', '.join(OUTCOMES)}, got {outcome!r}")
     stream = one("stream")
     if stream is not None and stream.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise FilterError("stream", f"expected true or false, got {stream!r}")
@@ -121,7 +124,7 @@ def parse_filters(params: Mapping[str, Any], now: datetime | None = None) -> Fil
         user=one("user"),
         tags=tuple(tags),
         key=one("key"),
-        outcome=one("outcome"),
+        outcome=outcome,
         status=int(status) if status is not None else None,
         stream=stream.lower() in ("true", "1", "yes") if stream is not None else None,
         api=api,

@@ -77,17 +77,28 @@ def short_id(request_id: str) -> str:
     return request_id[-8:]
 
 
+class AmbiguousId(LookupError):
+    """A short id or prefix that matches more than one request id."""
+
+    def __init__(self, ident: str, request_ids: list[str]) -> None:
+        super().__init__(f"{ident!r} matches {len(request_ids)} request ids")
+        self.request_ids = request_ids
+
+
 async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, Any]]:
-    """The completion with this request_id, else those with this upstream completion id, else those whose
-    request_id ends with `ident` (the short id `logs` prints) or starts with it; newest first. A suffix
-    match reads the whole table (no index helps), which an interactive lookup can afford."""
+    """The completion with this request_id, else those with this upstream completion id (several rows may
+    share one), else the one whose request_id ends with `ident` (the short id `logs` prints) or starts
+    with it; raises AmbiguousId when that suffix or prefix matches several. A suffix match reads the
+    whole table (no index helps), which an interactive lookup can afford."""
     ident = ident.strip()
     conditions = [c.request_id == ident, c.completion_id == ident]
     if MIN_PREFIX <= len(ident) < 36:
         conditions.append(c.request_id.endswith(ident, autoescape=True))
         conditions.append(c.request_id.startswith(ident, autoescape=True))
-    for condition in conditions:
+    for number, condition in enumerate(conditions):
         rows = (await conn.execute(select(completions_table).where(condition).order_by(c.id.desc()))).all()
+        if len(rows) > 1 and number >= 2:
+            raise AmbiguousId(ident, [row.request_id for row in rows])
         if rows:
             choices = await _choices_for(conn, [row.id for row in rows])
             return [row_dict(row, choices[row.id]) for row in rows]

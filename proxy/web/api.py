@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from ..store.filters import FilterError, parse_filters
-from ..store.queries import fetch_completion, fetch_completions
+from ..store.queries import AmbiguousId, fetch_completion, fetch_completions
 from ..store.stats import fetch_stats, parse_dimension
 from .appkeys import CONFIG, ENGINE, METRICS
 from .auth import AUTH, AdminAuth, guarded
@@ -49,8 +49,12 @@ async def completions(request: web.Request) -> web.Response:
 
 async def completion(request: web.Request) -> web.Response:
     ident = request.match_info["request_id"]
-    async with request.app[ENGINE].connect() as conn:
-        rows = await fetch_completion(conn, ident)
+    try:
+        async with request.app[ENGINE].connect() as conn:
+            rows = await fetch_completion(conn, ident)
+    except AmbiguousId as exc:
+        message = f"{ident!r} matches {len(exc.request_ids)} request ids; give more characters"
+        return api_error(409, message, "ambiguous")
     if not rows:
         return api_error(404, f"no completion with request id {ident!r}", "not_found")
     return json_response(rows[0])

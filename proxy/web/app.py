@@ -39,7 +39,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _accounting(app: web.Application) -> AsyncIterator[None]:
     """The price book (config prices recorded, reloaded every minute) and the metrics registry."""
-    pricer = Pricer(app[ENGINE], app[CONFIG].pricing.models)
+    pricing = app[CONFIG].pricing
+    pricer = Pricer(app[ENGINE], pricing.models, pricing.reload_interval)
     await pricer.start()
     app[PRICER] = pricer
     app[METRICS] = LedgerMetrics()

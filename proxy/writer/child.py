@@ -51,7 +51,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
         os.nice(writer_nice(config.server.workers, usable_cpus()))
     configure_logging(config.logging)
     engine = create_engine(config.database.url)
-    pricer = Pricer(engine, config.pricing.models)
+    pricer = Pricer(engine, config.pricing.models, config.pricing.reload_interval)
     await pricer.start()
     summary = BatchSummary()  # the batches' metrics since the last report
     received = 0  # items taken from the parent, reported so it can tell what a crash would lose
