@@ -31,7 +31,7 @@ def read_all(spool: Spool) -> list[str]:
         handle = spool.claim(path)
         assert handle is not None
         out += [row["request_id"] for row in Spool.read(handle)]
-        Spool.release(path, handle, delete=False)
+        spool.release(path, handle, delete=False)
     return out
 
 
@@ -57,7 +57,7 @@ def test_row_round_trip_restores_money_and_time(tmp_path: Path) -> None:
     handle = spool.claim(path)
     assert handle is not None
     (row,) = [row_from_spool(r) for r in Spool.read(handle)]
-    Spool.release(path, handle, delete=True)
+    spool.release(path, handle, delete=True)
     assert row["cost"] == Decimal("0.0000015")
     assert row["started_at"] == datetime(2025, 1, 1, tzinfo=UTC)
     assert not path.exists()
@@ -134,11 +134,12 @@ def test_segment_locked_by_another_process_is_not_claimed(tmp_path: Path) -> Non
         if holder.stdout is not None:
             holder.stdout.close()
     # the holder is gone (as after a crash): its lock died with it
-    handle = Spool(tmp_path).claim(path)
+    spool = Spool(tmp_path)
+    handle = spool.claim(path)
     assert handle is not None
     with open(path, "rb") as other, pytest.raises(BlockingIOError):  # our claim excludes everyone else
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    Spool.release(path, handle, delete=True)
+    spool.release(path, handle, delete=True)
     assert not path.exists()
 
 

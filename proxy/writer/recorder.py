@@ -38,6 +38,7 @@ from ..parse import Capture, CompletionRecord, materialize
 from ..store.insert import BatchWriter
 from ..store.rows import record_to_row
 from .errors import describe, is_data_error
+from .file_watch import SqliteFileWatch
 from .health import Health
 from .losses import LossCounter
 from .protocol import WriterStats
@@ -129,6 +130,8 @@ class BatchRecorder:
         self.rows_rejected = 0
         self._losses = LossCounter(self.spool.directory)
         self.last_error: str | None = None
+        self._watch = SqliteFileWatch.for_engine(engine)
+        self._spool_problem: str | None = None
 
     @classmethod
     def from_config(cls, engine: AsyncEngine, config: DatabaseConfig, on_batch: OnBatch | None = None) -> BatchRecorder:
@@ -162,10 +165,17 @@ class BatchRecorder:
         return self._losses.total
 
     @property
+    def file_problem(self) -> str | None:
+        """The SQLite file or the spool directory was deleted under the writer (until restart)."""
+        problems = [p for p in (self._watch and self._watch.problem, self._spool_problem) if p]
+        return "; ".join(problems) if problems else None
+
+    @property
     def degraded(self) -> bool:
         """True while records can be written nowhere (database and spool both failing), and for the
-        rest of the process's life once any record was lost."""
-        return self.rows_lost > 0 or (not self._disk.ok and not self._db.ok) or bool(self._unsaved)
+        rest of the process's life once any record was lost or a file was deleted under the writer."""
+        lost = self.rows_lost > 0 or self.file_problem is not None
+        return lost or (not self._disk.ok and not self._db.ok) or bool(self._unsaved)
 
     def stats(self) -> WriterStats:
         return WriterStats(
@@ -179,6 +189,7 @@ class BatchRecorder:
             spool_ok=self._disk.ok,
             degraded=self.degraded,
             last_error=self.last_error,
+            file_problem=self.file_problem,
         )
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -272,6 +283,7 @@ class BatchRecorder:
                 await asyncio.wait_for(self._wakeup.wait(), self._sleep_time())
             if time.monotonic() >= self._rescan_at:
                 self._backlog = True  # pick up segments a crashed or stopped worker left behind
+            self._check_files()
 
     def _sleep_time(self) -> float:
         now = time.monotonic()
@@ -336,7 +348,11 @@ class BatchRecorder:
         if self._db.usable():
             self._inflight, self._inflight_spooled, self._inflight_since = rows, False, since
             try:
+                if self._watch is not None and self._watch.stale:
+                    await self._timed(self._watch.reopen(self._engine))
                 await self._timed(self._insert(rows))
+                if self._watch is not None:
+                    self._watch.raise_if_replaced()  # committed to a deleted file: spool them after all
             except asyncio.CancelledError:
                 if not self._inflight_spooled:  # close() spools them; replay drops a duplicate if committed
                     self._unsaved.extendleft(reversed(rows))
@@ -399,10 +415,24 @@ class BatchRecorder:
             return False
         self.rows_spooled += written
         self._backlog = True
+        self._count_vanished()
         if not self._disk.ok:
             log.warning("spool %s writable again", self.spool.directory)
         self._disk.back()
         return True
+
+    def _check_files(self) -> None:
+        """The idle tick's look at the SQLite file and the spool directory (see file_watch.py, spool.py)."""
+        if self._watch is not None:
+            self._watch.check()
+        self.spool.check()
+        self._count_vanished()
+
+    def _count_vanished(self) -> None:
+        lost = self.spool.take_vanished()
+        if lost:
+            self._spool_problem = f"the spool directory {self.spool.directory} was deleted with {lost} record(s)"
+            self._losses.lose(lost, FileNotFoundError(self._spool_problem), log_now=True)
 
     async def _probe_spool(self) -> None:
         """The database took everything since the spool failed: find out whether the disk is back."""
@@ -480,7 +510,11 @@ class BatchRecorder:
 
     async def _replay_chunk(self, chunk: list[dict[str, Any]]) -> bool:
         try:
+            if self._watch is not None and self._watch.stale:
+                await self._timed(self._watch.reopen(self._engine))
             refused = await split_refused(chunk, lambda rows: self._timed(self._insert(rows, skip_existing=True)))
+            if self._watch is not None:
+                self._watch.raise_if_replaced()  # the chunk stays in the spool, replayed into the new file
         except Exception as exc:
             self._database_failed(exc)
             return False

@@ -56,13 +56,13 @@ class SpoolReplay:
         segment.position += count
         if segment.position >= len(segment.rows):
             self._segment = None
-            await asyncio.to_thread(Spool.release, segment.path, segment.handle, delete=True)
+            await asyncio.to_thread(self._spool.release, segment.path, segment.handle, delete=True)
             log.info("replayed %d record(s) from %s", len(segment.rows), segment.path.name)
 
     def release(self) -> None:
         """Give up the claim without deleting (shutdown): the segment is replayed whole next time."""
         if self._segment is not None:
-            Spool.release(self._segment.path, self._segment.handle, delete=False)
+            self._spool.release(self._segment.path, self._segment.handle, delete=False)
             self._segment = None
 
     async def _claim_next(self) -> _Segment | None:
@@ -76,7 +76,7 @@ class SpoolReplay:
                 rows = [row_from_json(row) for row in await asyncio.to_thread(Spool.read, handle)]
             except OSError as exc:
                 log.error("cannot read spool segment %s: %s", path, exc)
-                await asyncio.to_thread(Spool.release, path, handle, delete=False)
+                await asyncio.to_thread(spool.release, path, handle, delete=False)
                 continue
             return _Segment(path, handle, rows)
         return None

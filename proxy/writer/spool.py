@@ -5,6 +5,9 @@ being written is held under an exclusive flock, so several workers can share a s
 never replay a file another live process is still writing; a crashed process's lock dies with it.
 Rows the database refuses for their content are set aside in `rejected-*.jsonl` files (never
 replayed automatically) so one bad row cannot block the rest.
+A spool directory deleted while in use (its open segment then takes appends into an unlinked file) is
+noticed before each append and by check(): it is recreated, and the records this process had spooled
+into it and not yet replayed are counted (take_vanished) so the writer reports them as lost.
 Blocking file work: callers run these methods in a thread.
 """
 
@@ -80,6 +83,9 @@ class Spool:
         self._current: BinaryIO | None = None
         self._current_path: Path | None = None
         self._sequence = 0
+        self._directory_id: tuple[int, int] | None = None  # (device, inode) of the directory in use
+        self._unreplayed: dict[Path, int] = {}  # records this process appended, per segment, not yet replayed
+        self._vanished = 0
 
     def _new_name(self, prefix: str) -> Path:
         self._sequence += 1
@@ -88,6 +94,8 @@ class Spool:
 
     def _open_segment(self) -> BinaryIO:
         self.directory.mkdir(parents=True, exist_ok=True)
+        stat = os.stat(self.directory)
+        self._directory_id = (stat.st_dev, stat.st_ino)
         path = self._new_name("spool")
         handle = open(path, "ab")  # noqa: SIM115 - kept open across appends
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -105,6 +113,7 @@ class Spool:
         if not data:
             return 0
         with self._lock:
+            self._check_directory()
             handle = self._current or self._open_segment()
             start = handle.tell()
             try:
@@ -119,9 +128,40 @@ class Spool:
                     pass
                 self._close_current()
                 raise
+            count = data.count(b"\n")
+            if self._current_path is not None:
+                self._unreplayed[self._current_path] = self._unreplayed.get(self._current_path, 0) + count
             if handle.tell() >= MAX_SEGMENT_BYTES:
                 self._close_current()
-        return data.count(b"\n")
+        return count
+
+    def check(self) -> None:
+        """Notice a deleted spool directory now (see take_vanished)."""
+        with self._lock:
+            self._check_directory()
+
+    def take_vanished(self) -> int:
+        """Records lost with a deleted spool directory since the last call."""
+        with self._lock:
+            lost, self._vanished = self._vanished, 0
+            return lost
+
+    def _check_directory(self) -> None:
+        if self._directory_id is None:
+            return
+        try:
+            stat = os.stat(self.directory)
+            same = (stat.st_dev, stat.st_ino) == self._directory_id
+        except FileNotFoundError:
+            same = False
+        if same:
+            return
+        lost = sum(count for path, count in self._unreplayed.items() if not path.exists())
+        self._unreplayed.clear()
+        self._vanished += lost
+        self._directory_id = None
+        self._close_current()  # its file went with the directory; the next append opens one in a new one
+        log.error("the spool directory %s was deleted with %d record(s) not yet replayed", self.directory, lost)
 
     def reject(self, rows: list[dict[str, Any]]) -> Path:
         """Set rows aside in a new rejected-*.jsonl file (fsynced); they are not replayed."""
@@ -211,11 +251,12 @@ class Spool:
                 rows.append(row)
         return rows
 
-    @staticmethod
-    def release(path: Path, handle: BinaryIO, *, delete: bool) -> None:
+    def release(self, path: Path, handle: BinaryIO, *, delete: bool) -> None:
         try:
             if delete:
                 path.unlink(missing_ok=True)
+                with self._lock:
+                    self._unreplayed.pop(path, None)
         finally:
             handle.close()
 
