@@ -152,10 +152,28 @@ def serve(config: Config) -> int:
     try:
         if workers == 1:
             return run_worker(config, socket_sets[0])
+        if config.database.auto_migrate and _migrate_once(config.database.url):
+            config = config.replace("database", auto_migrate=False)  # workers need not race to do it again
         return supervise(config, socket_sets, _worker_main)
     finally:
         for sockets in socket_sets:
             close(sockets)
+
+
+def _migrate_once(url: str) -> bool:
+    """The migration, once, before the workers start; on failure each worker retries in the background."""
+    from .store.migrate import upgrade_url
+    from .web.startup import FIRST_ATTEMPT
+
+    async def attempt() -> None:
+        async with asyncio.timeout(FIRST_ATTEMPT):
+            await upgrade_url(url)
+
+    try:
+        asyncio.run(attempt())
+    except Exception:
+        return False
+    return True
 
 
 def _worker_main(config: Config, sockets: Sequence[socket.socket]) -> None:

@@ -208,8 +208,7 @@ async def test_serves_while_postgresql_refuses_connections_then_migrates_and_rep
 
 
 async def test_a_worker_that_dies_is_logged_and_restarted(upstream: FakeUpstream, tmp_path: Path) -> None:
-    database_url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
-    await upgrade_url(database_url)
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"  # a new ledger: serve migrates it once
     port = free_port()
     config = write_config(tmp_path, upstream.url, database_url, port)
     config.write_text(config.read_text().replace("[server]\n", "[server]\nworkers = 2\n"))
