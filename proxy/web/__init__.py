@@ -4,6 +4,7 @@
 - router.py     the router: everything outside /_ledger/ goes straight to the relay
 - appkeys.py    typed application keys
 - health.py     /_ledger/health
+- startup.py    the start-up migration, retried in the background while the database is down
 - api.py        the JSON query API (/_ledger/api/*) and /_ledger/metrics
 - auth.py       who may use the ledger's endpoints
 - metrics.py    the Prometheus registry

@@ -10,5 +10,6 @@ on disk when the database cannot take them, and come back from the spool by repl
 - spool.py     the spool files
 - replay.py    walking the spool for replay
 - errors.py    data errors versus an unreachable database
+- file_watch.py  the SQLite file deleted or replaced under the writer
 - summary.py   a batch reduced to its metric sums
 """
