@@ -100,7 +100,7 @@ async def overview(request: web.Request) -> web.Response:
     try:
         filters = _parse(params)
     except FilterError as exc:
-        return await _bad_filter(request, "overview.html", params, exc, {"periods": PERIODS})
+        return await _bad_filter(request, "overview.html", params, exc, {"periods": PERIODS, "period": None})
     engine = request.app[ENGINE]
     now = datetime.now(UTC)
     bucket = bucket_for(filters.since, filters.until, now)
