@@ -196,6 +196,8 @@ async def requests_list(request: web.Request) -> web.Response:
 def _display(name: str, value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, Decimal):
         return f"{value:f}"
     if isinstance(value, dict | list):
