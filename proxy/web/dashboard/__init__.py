@@ -10,15 +10,18 @@ stylesheet; no script, nothing fetched from elsewhere.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from .access import LOGIN_PATH, login, login_form, logout, page_guarded
 from .render import LIST_PATH, PREFIX, stylesheet
-from .views import detail, overview, requests_list
+from .views import OVERVIEW_SLOTS, SLOTS, detail, overview, requests_list
 
 
 def add_routes(app: web.Application) -> None:
     """Register the pages (before the /_ledger/ catch-all; the app's AdminAuth must exist)."""
+    app[SLOTS] = asyncio.Semaphore(OVERVIEW_SLOTS)
     app.router.add_get(PREFIX, page_guarded(overview))
     app.router.add_get(LIST_PATH, page_guarded(requests_list))
     app.router.add_get(LIST_PATH + "/{request_id}", page_guarded(detail))

@@ -34,7 +34,9 @@ TOP_ROWS = 10
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 OUTCOMES = ("ok", "upstream_error", "unparsed", "timeout", "client_disconnected")
+OVERVIEW_SLOTS = 2  # overviews computed at once per process; each runs its seven queries side by side
 T = TypeVar("T")
+SLOTS = web.AppKey("dashboard_overview_slots", asyncio.Semaphore)
 
 
 def _parse(params: Params) -> Filters:
@@ -104,15 +106,16 @@ async def overview(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     now = datetime.now(UTC)
     bucket = bucket_for(filters.since, filters.until, now)
-    by_model, by_key, by_user, by_tag, by_upstream, points, (p50, p95) = await asyncio.gather(
-        _read(engine, lambda conn: fetch_stats(conn, "model", filters)),
-        _read(engine, lambda conn: fetch_stats(conn, "key", filters)),
-        _read(engine, lambda conn: fetch_stats(conn, "user", filters)),
-        _read(engine, lambda conn: fetch_stats(conn, "tag", filters)),
-        _read(engine, lambda conn: fetch_stats(conn, "upstream", filters)),
-        _read(engine, lambda conn: fetch_series(conn, filters, bucket)),
-        _read(engine, lambda conn: fetch_percentiles(conn, filters)),
-    )
+    async with request.app[SLOTS]:
+        by_model, by_key, by_user, by_tag, by_upstream, points, (p50, p95) = await asyncio.gather(
+            _read(engine, lambda conn: fetch_stats(conn, "model", filters)),
+            _read(engine, lambda conn: fetch_stats(conn, "key", filters)),
+            _read(engine, lambda conn: fetch_stats(conn, "user", filters)),
+            _read(engine, lambda conn: fetch_stats(conn, "tag", filters)),
+            _read(engine, lambda conn: fetch_stats(conn, "upstream", filters)),
+            _read(engine, lambda conn: fetch_series(conn, filters, bucket)),
+            _read(engine, lambda conn: fetch_percentiles(conn, filters)),
+        )
     totals = by_model.totals
     tops = [
         ("Models", "model", _top(by_model.rows, totals, "model")),
