@@ -9,6 +9,8 @@
 - filters.py     filters -> WHERE clauses, shared by every read
 - queries.py     pages, single calls, streamed exports
 - stats.py       aggregates and percentiles per group
+- series.py      requests and cost per hour or day, by the top models (the dashboard's chart)
+- latency.py     p50/p95 duration over a whole selection
 - key_labels.py  labels for key fingerprints
 - pricing/       price book, the prices table, OpenRouter sync, reprice, the running pricer
 """

@@ -19,6 +19,7 @@ from ..writer.protocol import Recorder
 from ..writer.recorder import BatchRecorder, batch_hook
 from .api import add_routes as add_api_routes
 from .appkeys import CONFIG, ENGINE, FORWARDER, METRICS, PRICER, RECORDER, STARTUP
+from .dashboard import add_routes as add_dashboard_routes
 from .health import health
 from .metrics import LedgerMetrics
 from .router import LEDGER_PREFIX, ProxyRouter, new_app
@@ -107,6 +108,7 @@ def create_app(config: Config, *, migrate: bool = True) -> web.Application:
     app.cleanup_ctx.append(_client_session)
     app.router.add_get(LEDGER_PREFIX + "health", health)
     add_api_routes(app)
+    add_dashboard_routes(app)
     app.router.add_route("*", LEDGER_PREFIX + "{tail:.*}", ledger_not_found)
     router.add_forwarding(forwarder.handle)
     return app
