@@ -207,6 +207,10 @@ async def test_an_ambiguous_prefix_is_reported_not_printed(
         async with session.get(ledger.url + f"/_ledger/api/completions/{ids[0][:30]}") as response:
             assert response.status == 200
             assert (await response.json())["request_id"] == ids[0]
+        async with session.get(ledger.url + f"/_ledger/requests/{prefix}") as response:  # the dashboard lists them
+            assert response.status == 300
+            page = await response.text()
+            assert all(request_id in page for request_id in matching)
 
 
 # ---- export | head ---------------------------------------------------------------------------------------

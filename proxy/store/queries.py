@@ -78,11 +78,12 @@ def short_id(request_id: str) -> str:
 
 
 class AmbiguousId(LookupError):
-    """A short id or prefix that matches more than one request id."""
+    """A short id or prefix that matches more than one request id; `rows` are the matches, newest first."""
 
-    def __init__(self, ident: str, request_ids: list[str]) -> None:
-        super().__init__(f"{ident!r} matches {len(request_ids)} request ids")
-        self.request_ids = request_ids
+    def __init__(self, ident: str, rows: list[dict[str, Any]]) -> None:
+        super().__init__(f"{ident!r} matches {len(rows)} request ids")
+        self.rows = rows
+        self.request_ids = [row["request_id"] for row in rows]
 
 
 async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, Any]]:
@@ -97,11 +98,12 @@ async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, 
         conditions.append(c.request_id.startswith(ident, autoescape=True))
     for number, condition in enumerate(conditions):
         rows = (await conn.execute(select(completions_table).where(condition).order_by(c.id.desc()))).all()
-        if len(rows) > 1 and number >= 2:
-            raise AmbiguousId(ident, [row.request_id for row in rows])
         if rows:
             choices = await _choices_for(conn, [row.id for row in rows])
-            return [row_dict(row, choices[row.id]) for row in rows]
+            found = [row_dict(row, choices[row.id]) for row in rows]
+            if len(found) > 1 and number >= 2:
+                raise AmbiguousId(ident, found)
+            return found
     return []
 
 

@@ -17,11 +17,11 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ...parse.record import APIS
+from ...parse.record import APIS, OUTCOMES
 from ...store.filters import FilterError, Filters, parse_filters
 from ...store.latency import fetch_percentiles
 from ...store.models import ApiKey
-from ...store.queries import COLUMNS, fetch_completion, fetch_completions, short_id, to_json
+from ...store.queries import COLUMNS, AmbiguousId, fetch_completion, fetch_completions, short_id, to_json
 from ...store.series import fetch_series
 from ...store.stats import StatsRow, fetch_stats
 from ..appkeys import ENGINE
@@ -33,7 +33,6 @@ PERIODS = ("24h", "7d", "30d", "90d")
 TOP_ROWS = 10
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
-OUTCOMES = ("ok", "upstream_error", "unparsed", "timeout", "client_disconnected")
 OVERVIEW_SLOTS = 2  # overviews computed at once per process; each runs its seven queries side by side
 T = TypeVar("T")
 SLOTS = web.AppKey("dashboard_overview_slots", asyncio.Semaphore)
@@ -211,7 +210,10 @@ def _display(name: str, value: Any) -> str:
 async def detail(request: web.Request) -> web.Response:
     ident = request.match_info["request_id"]
     async with request.app[ENGINE].connect() as conn:
-        rows = await fetch_completion(conn, ident)
+        try:
+            rows = await fetch_completion(conn, ident)
+        except AmbiguousId as exc:  # a short id or prefix of several calls: the page lists them
+            rows = exc.rows
         label = None
         if len(rows) == 1 and rows[0]["api_key_hash"]:
             found = await conn.execute(select(ApiKey.label).where(ApiKey.api_key_hash == rows[0]["api_key_hash"]))
