@@ -59,7 +59,7 @@ class Completion(Base):
     outcome: Mapped[str] = mapped_column(String(32), index=True)
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     requested_model: Mapped[str | None] = mapped_column(Text)
-    completion_id: Mapped[str | None] = mapped_column(Text, index=True)
+    completion_id: Mapped[str | None] = mapped_column(Text)
     object: Mapped[str | None] = mapped_column(Text)
     created: Mapped[int | None] = mapped_column(BigInteger)
     model: Mapped[str | None] = mapped_column(Text)
@@ -81,6 +81,8 @@ class Completion(Base):
     error: Mapped[str | None] = mapped_column(Text)
     upstream_request_id: Mapped[str | None] = mapped_column(Text)
     api: Mapped[str | None] = mapped_column(String(16))  # chat, responses, embeddings, completions, messages
+    # hours since the Unix epoch (UTC) of started_at: leads the completion_id index so inserts append
+    started_hour: Mapped[int | None] = mapped_column(Integer)
 
     choices: Mapped[list[CompletionChoice]] = relationship(
         back_populates="completion", order_by="CompletionChoice.index", lazy="raise"
@@ -89,6 +91,7 @@ class Completion(Base):
     __table_args__ = (
         Index("ix_completions_model_started_at", "model", "started_at"),
         Index("ix_completions_requested_model", "requested_model"),
+        Index("ix_completions_started_hour_completion_id", "started_hour", "completion_id"),
         Index(  # stats --by model reads this index only; started_at third so new rows append to their model's range
             "ix_completions_model_stats", "model", "requested_model", "started_at", "duration_ms", "outcome",
             "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost",
@@ -139,6 +142,15 @@ class ApiKey(Base):
     api_key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     label: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LedgerMeta(Base):
+    """Facts about the ledger itself (such as how far it has been pruned), one value per key."""
+
+    __tablename__ = "ledger_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 completions_table = Completion.__table__

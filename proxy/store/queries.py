@@ -14,10 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .filters import Filters, where_clauses
 from .models import choices_table, completions_table
-from .rows import CHOICE_COLUMNS
+from .rows import CHOICE_COLUMNS, DERIVED
 
 c = completions_table.c
-COLUMNS = tuple(completions_table.c.keys())
+COLUMNS = tuple(column.name for column in completions_table.c if column.name not in DERIVED)
 MIN_PREFIX = 6
 
 
@@ -39,6 +39,8 @@ def to_json(value: Any, *, indent: bool = False) -> bytes:
 
 def row_dict(row: Any, choices: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     data = dict(row._mapping)
+    for name in DERIVED:
+        data.pop(name, None)
     data["choices"] = list(choices)
     return data
 
