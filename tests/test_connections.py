@@ -27,6 +27,7 @@ from proxy.relay.server_compat import (
 )
 
 from .conftest import Ledger, make_config, start_ledger
+from .payloads import OPENAI_BASIC
 from .test_reliability import free_port, write_config
 from .upstream import FakeUpstream
 
@@ -300,3 +301,34 @@ def test_the_process_raises_its_open_files_limit_to_the_hard_limit() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["400", "400"]
+
+
+async def test_an_upstream_slower_than_the_header_timeout_does_not_cut_the_call(
+    upstream: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    """Once a request's headers are in, the header timer stays off until the next request starts: aiohttp
+    re-feeds an empty chunk after taking the request, which must not look like the start of another."""
+
+    async def slow(request: web.Request, _body: bytes) -> web.StreamResponse:
+        await asyncio.sleep(1.2)  # past header_timeout (0.5 s)
+        return web.json_response(OPENAI_BASIC)
+
+    upstream.add("slow", slow)
+    ledger = await guarded(upstream, database_url, tmp_path, body_timeout=5.0)
+    try:
+        body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        reader, writer = await asyncio.open_connection("127.0.0.1", ledger.port)
+        for _ in range(2):  # and again on the same keep-alive connection
+            writer.write(
+                CHAT_HEAD + b"X-Fake-Scenario: slow\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length_line = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            length = int(length_line.split(b":")[1])
+            assert orjson.loads(await reader.readexactly(length))["id"] == OPENAI_BASIC["id"]
+        writer.close()
+        rows = await ledger.rows(count=2)
+    finally:
+        await ledger.stop()
+    assert [(row["status_code"], row["outcome"]) for row in rows] == [(200, "ok")] * 2

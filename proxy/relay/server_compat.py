@@ -62,6 +62,8 @@ class GuardedRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         count = self._request_count
         super().data_received(data)
+        if not data:  # aiohttp re-parsing what it buffered after taking a request: no new bytes came
+            return
         if self._request_count != count:  # headers complete: the request is the handler's now
             self._disarm()
             self._partial = False
