@@ -22,6 +22,7 @@ from proxy.config import load
 from proxy.store.filters import Filters
 from proxy.store.series import OTHER, fetch_series
 from proxy.web.auth import SESSION_COOKIE, SESSION_SECONDS, AdminAuth, host_is_loopback
+from proxy.web.dashboard.login_throttle import MAX_FAILURES, WINDOW_SECONDS, LoginThrottle
 from proxy.web.dashboard.render import money
 
 from .conftest import Ledger, make_config, start_ledger
@@ -436,6 +437,41 @@ async def test_login_never_redirects_off_the_dashboard(token_ledger: Ledger) -> 
         )
         assert status == 303
         assert headers["Location"] == "/_ledger/", target
+
+
+async def test_wrong_tokens_are_throttled_per_address(token_ledger: Ledger) -> None:
+    for _ in range(MAX_FAILURES):
+        status, _, _ = await fetch(token_ledger, "/_ledger/login", method="POST", data={"token": "guess"})
+        assert status == 403
+    # past the limit even the right token is refused until the window ends, and no cookie is set
+    status, page, headers = await fetch(token_ledger, "/_ledger/login", method="POST", data={"token": TOKEN})
+    assert status == 429
+    assert 0 < int(headers["Retry-After"]) <= WINDOW_SECONDS + 1
+    assert "Set-Cookie" not in headers
+    assert "Too many wrong tokens" in page
+    # the bearer token on the pages is not the login form: it still works
+    status, _, _ = await fetch(token_ledger, "/_ledger/", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200
+
+
+def test_the_throttle_forgets_after_its_window_and_bounds_its_table() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(max_failures=2, window=60.0, max_addresses=3, clock=lambda: now[0])
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 0
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 61
+    now[0] = 30.0
+    assert throttle.retry_after("a") == 31
+    now[0] = 60.0
+    assert throttle.retry_after("a") == 0
+    for address in ("b", "c", "d", "e"):
+        throttle.failed(address)
+        throttle.failed(address)
+    assert throttle.retry_after("b") == 0  # evicted: the table holds 3 addresses
+    assert all(throttle.retry_after(address) > 0 for address in ("c", "d", "e"))
+    throttle.succeeded("e")
+    assert throttle.retry_after("e") == 0
 
 
 async def test_login_form_body_is_bounded(token_ledger: Ledger) -> None:

@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..auth import AUTH, SESSION_COOKIE, SESSION_SECONDS
+from .login_throttle import THROTTLE, client_address
 from .render import PREFIX, page, redirect
 
 LOGIN_PATH = PREFIX + "login"
@@ -70,10 +71,18 @@ async def login(request: web.Request) -> web.StreamResponse:
         return redirect(PREFIX) if auth.allows(request) else await forbidden(request)
     if request.content_length is None or request.content_length > MAX_FORM_BYTES:
         return await login_form(request, "The form is too large.", status=413)
+    throttle, address = request.app[THROTTLE], client_address(request)
+    wait = throttle.retry_after(address)
+    if wait:  # checked before the token, so a right guess in the penalty window does not tell
+        response = await login_form(request, f"Too many wrong tokens: try again in {wait} s.", status=429)
+        response.headers["Retry-After"] = str(wait)
+        return response
     form = await request.post()
     token, target = form.get("token"), form.get("next")
     if not isinstance(token, str) or not auth.token_matches(token):
+        throttle.failed(address)
         return await login_form(request, "That token is not the admin token.", status=403)
+    throttle.succeeded(address)
     response = redirect(_safe_next(target if isinstance(target, str) else None))
     response.set_cookie(
         SESSION_COOKIE,
