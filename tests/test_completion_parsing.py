@@ -33,6 +33,7 @@ from proxy.parse.record import CompletionRecord
 from proxy.parse.request import MAX_TAG_CHARS, MAX_TAGS, MAX_USER_CHARS, header_user, inspect_request, parse_tags
 from proxy.parse.usage import MAX_USAGE_JSON_BYTES, apply_usage
 from proxy.store.models import choices_table, completions_table
+from proxy.store.rows import DERIVED
 
 from .conftest import Ledger
 from .payloads import (
@@ -544,7 +545,7 @@ def test_header_user_has_the_body_users_limits() -> None:
 
 KEY = "sk-test-4f9a8b7c6d5e4f3a2b1c"
 KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()[:16]
-ROW_COLUMNS = {c.name for c in completions_table.columns} | {"choices"}
+ROW_COLUMNS = {c.name for c in completions_table.columns if c.name not in DERIVED} | {"choices"}
 CHOICE_COLUMNS = {c.name for c in choices_table.columns}
 
 
