@@ -33,7 +33,6 @@ from proxy.parse.record import CompletionRecord
 from proxy.parse.request import MAX_TAG_CHARS, MAX_TAGS, MAX_USER_CHARS, header_user, inspect_request, parse_tags
 from proxy.parse.usage import MAX_USAGE_JSON_BYTES, apply_usage
 from proxy.store.models import choices_table, completions_table
-from proxy.store.rows import DERIVED
 
 from .conftest import Ledger
 from .payloads import (
@@ -545,7 +544,7 @@ def test_header_user_has_the_body_users_limits() -> None:
 
 KEY = "sk-test-4f9a8b7c6d5e4f3a2b1c"
 KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()[:16]
-ROW_COLUMNS = {c.name for c in completions_table.columns if c.name not in DERIVED} | {"choices"}
+ROW_COLUMNS = {c.name for c in completions_table.columns} | {"choices"}
 CHOICE_COLUMNS = {c.name for c in choices_table.columns}
 
 
@@ -611,7 +610,7 @@ def empty_completion_columns() -> dict[str, Any]:
 def assert_row(row: dict[str, Any], exchange: Exchange, expected: dict[str, Any]) -> None:
     """Every column: the timing and identity columns checked here, all others equal to `expected`."""
     assert set(row) == ROW_COLUMNS
-    assert set(expected) | {"id", "request_id", "started_at", "duration_ms", "ttft_ms"} == ROW_COLUMNS
+    assert set(expected) | {"id", "request_id", "started_at", "started_hour", "duration_ms", "ttft_ms"} == ROW_COLUMNS
     assert isinstance(row["id"], int)
     assert row["request_id"] == exchange.headers["X-Ledger-Request-Id"]
     request_uuid = uuid.UUID(row["request_id"])
@@ -619,6 +618,7 @@ def assert_row(row: dict[str, Any], exchange: Exchange, expected: dict[str, Any]
     started_at = row["started_at"]
     assert started_at.utcoffset() == timedelta(0)
     assert exchange.before <= started_at <= exchange.after
+    assert row["started_hour"] == int(started_at.timestamp()) // 3600
     id_time = datetime.fromtimestamp((request_uuid.int >> 80) / 1000, UTC)  # UUIDv7: milliseconds first
     assert exchange.before - timedelta(milliseconds=1) <= id_time <= exchange.after
     window_ms = (exchange.after - exchange.before).total_seconds() * 1000
