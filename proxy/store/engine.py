@@ -1,4 +1,5 @@
-"""The engine factory: SQLite gets WAL, a busy timeout (several writers coexist) and foreign keys."""
+"""The engine factory: SQLite gets WAL, incremental auto_vacuum (new files), a busy timeout (several
+writers coexist) and foreign keys."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # takes effect only in a file without tables yet, and only before WAL is set: a new ledger can give
+    # pruned pages back to the file system (retention.incremental_vacuum); an older one needs one VACUUM
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")

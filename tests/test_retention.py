@@ -1,0 +1,157 @@
+"""Retention: prune deletes exactly the calls before the day-floored cut with their choices, in batches,
+records how far the ledger was pruned, and gives SQLite pages back; on SQLite and PostgreSQL. Rows go in
+through the writer's own insert path (store.insert.BatchWriter)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy.parse.record import ChoiceRecord, CompletionRecord
+from proxy.store.engine import create_engine
+from proxy.store.insert import BatchWriter
+from proxy.store.migrate import upgrade
+from proxy.store.models import choices_table, completions_table
+from proxy.store.retention import PRUNED_BEFORE, prune, pruned_before, read_meta, record_pruned_before
+from proxy.store.rows import record_to_row
+
+NOW = datetime(2026, 12, 5, 15, 30, tzinfo=UTC)
+
+
+def record(started_at: datetime, n: int, *, choices: int = 1, completion_id: str | None = None) -> CompletionRecord:
+    return CompletionRecord(
+        request_id=str(uuid.uuid4()),
+        started_at=started_at,
+        method="POST",
+        path="/v1/chat/completions",
+        upstream="https://api.example",
+        outcome="ok",
+        model="gpt-4o",
+        completion_id=completion_id or f"chatcmpl-{uuid.uuid4().hex}",
+        prompt_tokens=n,
+        choices=[ChoiceRecord(i, "stop", None, "assistant") for i in range(choices)],
+    )
+
+
+async def insert_records(engine: AsyncEngine, records: list[CompletionRecord]) -> None:
+    writer = BatchWriter(engine.dialect.name)
+    async with engine.begin() as conn:
+        await writer.insert(conn, [record_to_row(r) for r in records])
+
+
+async def remaining(engine: AsyncEngine) -> tuple[set[datetime], int]:
+    async with engine.connect() as conn:
+        times = set((await conn.execute(select(completions_table.c.started_at))).scalars())
+        choices = (await conn.execute(select(func.count()).select_from(choices_table))).scalar_one()
+    return times, choices
+
+
+@pytest.fixture
+async def engine(database_url: str) -> Any:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+def spread(days: int = 10, per_day: int = 6) -> list[CompletionRecord]:
+    """Calls every 4 hours over `days` days before NOW, one just before and one at each midnight."""
+    records = []
+    for day in range(days):
+        midnight = (NOW - timedelta(days=day)).replace(hour=0, minute=0, second=0, microsecond=0)
+        records.append(record(midnight, day, choices=2))
+        records.append(record(midnight - timedelta(microseconds=1), day, choices=1))
+        records += [record(midnight + timedelta(hours=4 * k, minutes=7), day, choices=k % 3) for k in range(1, per_day)]
+    return records
+
+
+async def test_prune_deletes_exactly_the_rows_before_the_day_floored_cut(engine: AsyncEngine) -> None:
+    records = spread()
+    await insert_records(engine, records)
+    before = NOW - timedelta(days=4)  # 11:30 four days ago: floored to that midnight
+    cut = datetime(2026, 12, 1, tzinfo=UTC)
+    report = await prune(engine, before, batch_rows=7)
+    doomed = [r for r in records if r.started_at < cut]
+    kept = [r for r in records if r.started_at >= cut]
+    assert report.cut == cut
+    assert report.rows == len(doomed)
+    assert report.choices == sum(len(r.choices) for r in doomed)
+    times, choices = await remaining(engine)
+    assert times == {r.started_at for r in kept}
+    assert choices == sum(len(r.choices) for r in kept)
+    assert min(times) == cut  # the call at midnight itself stays; the one a microsecond before went
+    async with engine.connect() as conn:
+        assert await pruned_before(conn) == cut
+        assert await read_meta(conn, PRUNED_BEFORE) == "2026-12-01T00:00:00+00:00"
+
+
+async def test_dry_run_counts_and_deletes_nothing(engine: AsyncEngine) -> None:
+    records = spread()
+    await insert_records(engine, records)
+    cut = datetime(2026, 12, 3, tzinfo=UTC)
+    report = await prune(engine, cut + timedelta(hours=23), dry_run=True)
+    doomed = [r for r in records if r.started_at < cut]
+    assert (report.rows, report.choices, report.batches) == (len(doomed), sum(len(r.choices) for r in doomed), 0)
+    assert report.dry_run
+    times, choices = await remaining(engine)
+    assert len(times) == len(records)
+    assert choices == sum(len(r.choices) for r in records)
+    async with engine.connect() as conn:
+        assert await pruned_before(conn) is None
+
+
+async def test_batches_honour_batch_rows(engine: AsyncEngine) -> None:
+    records = [record(NOW - timedelta(days=3, minutes=k), k) for k in range(95)]
+    await insert_records(engine, records)
+    report = await prune(engine, NOW - timedelta(days=1), batch_rows=10)
+    assert report.rows == 95
+    assert report.batches >= 10  # at most 10 rows each
+    assert len(report.batch_ms) == report.batches
+    assert report.longest_batch_ms == max(report.batch_ms)
+    times, _ = await remaining(engine)
+    assert times == set()
+
+
+async def test_pruned_before_only_moves_forward(engine: AsyncEngine) -> None:
+    await insert_records(engine, spread())
+    await prune(engine, NOW - timedelta(days=3))
+    later = NOW - timedelta(days=5)
+    report = await prune(engine, later)  # an earlier cut deletes nothing more and keeps the horizon
+    assert report.rows == 0
+    async with engine.connect() as conn:
+        assert await pruned_before(conn) == datetime(2026, 12, 2, tzinfo=UTC)
+    assert await record_pruned_before(engine, datetime(2026, 11, 1, tzinfo=UTC)) == datetime(2026, 12, 2, tzinfo=UTC)
+    assert await record_pruned_before(engine, datetime(2026, 12, 4, tzinfo=UTC)) == datetime(2026, 12, 4, tzinfo=UTC)
+    async with engine.connect() as conn:
+        assert await pruned_before(conn) == datetime(2026, 12, 4, tzinfo=UTC)
+
+
+async def test_sqlite_incremental_vacuum_returns_pages(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        await upgrade(engine)
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA auto_vacuum")).scalar_one() == 2  # incremental
+        for day in range(4):
+            await insert_records(engine, [record(NOW - timedelta(days=10 + day, seconds=k), k) for k in range(1500)])
+        async with engine.connect() as conn:
+            pages = (await conn.exec_driver_sql("PRAGMA page_count")).scalar_one()
+        report = await prune(engine, NOW - timedelta(days=9), vacuum=False)
+        assert report.rows == 6000
+        async with engine.connect() as conn:
+            free = (await conn.exec_driver_sql("PRAGMA freelist_count")).scalar_one()
+        assert free > pages // 2
+        report = await prune(engine, NOW - timedelta(days=9))  # nothing left to delete; vacuums
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA freelist_count")).scalar_one() == 0
+            page_size = (await conn.exec_driver_sql("PRAGMA page_size")).scalar_one()
+            assert (await conn.exec_driver_sql("PRAGMA page_count")).scalar_one() <= pages - free
+        assert report.space_returned == free * page_size
+    finally:
+        await engine.dispose()
