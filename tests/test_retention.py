@@ -4,13 +4,14 @@ through the writer's own insert path (store.insert.BatchWriter)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.parse.record import ChoiceRecord, CompletionRecord
@@ -18,6 +19,7 @@ from proxy.store.engine import create_engine
 from proxy.store.insert import BatchWriter
 from proxy.store.migrate import upgrade
 from proxy.store.models import choices_table, completions_table
+from proxy.store.queries import fetch_completion
 from proxy.store.retention import PRUNED_BEFORE, prune, pruned_before, read_meta, record_pruned_before
 from proxy.store.rows import record_to_row
 
@@ -155,3 +157,72 @@ async def test_sqlite_incremental_vacuum_returns_pages(tmp_path: Path) -> None:
         assert report.space_returned == free * page_size
     finally:
         await engine.dispose()
+
+
+# ---- a lookup by completion id probes the (started_hour, completion_id) index hour by hour --------------
+
+
+class StatementLog:
+    """The statements an engine runs, as the driver got them (SQL and parameters)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.statements: list[tuple[str, Any]] = []
+        event.listen(engine.sync_engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        self.statements.append((statement, parameters))
+
+    def close(self) -> None:
+        event.remove(self.engine.sync_engine, "before_cursor_execute", self._seen)
+
+    async def plans(self) -> list[tuple[str, str]]:
+        """(statement, its plan) for each statement that read `completions`, planned as it ran."""
+        sqlite = self.engine.dialect.name == "sqlite"
+        out = []
+        async with self.engine.connect() as conn:
+            if not sqlite:
+                # a table this small is cheaper to read whole than to probe 500 hours of; what matters is
+                # that the probe can use the index (at millions of rows PostgreSQL picks it: bench/README.md)
+                await conn.exec_driver_sql("SET enable_seqscan = off")
+            for statement, parameters in self.statements:
+                if "FROM completions" not in statement:
+                    continue
+                explain = ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + statement
+                rows = (await conn.exec_driver_sql(explain, parameters)).all()
+                out.append((statement, "\n".join(str(row[-1]) for row in rows)))
+        return out
+
+
+async def test_lookup_by_completion_id_uses_the_index_and_finds_rows_in_any_hour(engine: AsyncEngine) -> None:
+    hours = [NOW - timedelta(hours=h) for h in (0, 3, 499, 500, 501, 1700)]  # several chunks of probed hours
+    shared = "chatcmpl-shared"
+    wanted = [record(at, n, completion_id=shared) for n, at in enumerate(hours)]
+    filler = [record(NOW - timedelta(minutes=7 * k), k) for k in range(12_000)]  # a planner prefers the index
+    await insert_records(engine, filler + wanted)
+    async with engine.begin() as conn:  # a row without an hour: found through its own part of the index
+        row = record_to_row(record(NOW - timedelta(days=400), 99, completion_id=shared))
+        await conn.execute(insert(completions_table), [{**row, "started_hour": None, "choices": None}])
+    log = StatementLog(engine)
+    try:
+        async with engine.connect() as conn:
+            found = await fetch_completion(conn, shared)
+            alone = await fetch_completion(conn, filler[5000].completion_id or "")
+    finally:
+        log.close()
+    async with engine.connect() as conn:  # then a suffix of a request id, which reads the table
+        missing = await fetch_completion(conn, "chatcmpl-nowhere")
+    assert [r["started_at"] for r in found] == [NOW - timedelta(days=400), *sorted(hours)]  # newest id first
+    assert [r["choices"] for r in found[1:]] == [[{"index": 0, "finish_reason": "stop",
+                                                   "native_finish_reason": None, "role": "assistant"}]] * 6
+    assert [r["request_id"] for r in alone] == [filler[5000].request_id]
+    assert missing == []
+    plans = await log.plans()
+    probes = [plan for statement, plan in plans if "completion_id =" in statement.partition("WHERE")[2]]
+    assert probes
+    for statement, plan in plans:
+        if engine.dialect.name == "sqlite":
+            assert not re.search(r"\bSCAN completions\b", plan), (statement, plan)
+        else:
+            assert "Seq Scan on completions" not in plan, (statement, plan)
+    assert all("ix_completions_started_hour_completion_id" in plan for plan in probes), probes

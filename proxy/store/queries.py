@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, select
+from sqlalchemy import ARRAY, Integer, Select, any_, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .filters import Filters, where_clauses
@@ -19,6 +19,7 @@ from .rows import CHOICE_COLUMNS, DERIVED
 c = completions_table.c
 COLUMNS = tuple(column.name for column in completions_table.c if column.name not in DERIVED)
 MIN_PREFIX = 6
+HOUR_CHUNK = 500  # hours probed per completion-id query: under SQLite's variable limit
 
 
 def completions_query(filters: Filters, dialect: str) -> Select[Any]:
@@ -100,12 +101,15 @@ async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, 
     with it; raises AmbiguousId when that suffix or prefix matches several. A suffix match reads the
     whole table (no index helps), which an interactive lookup can afford."""
     ident = ident.strip()
-    conditions = [c.request_id == ident, c.completion_id == ident]
+    conditions: list[Any] = [c.request_id == ident, None]
     if MIN_PREFIX <= len(ident) < 36:
         conditions.append(c.request_id.endswith(ident, autoescape=True))
         conditions.append(c.request_id.startswith(ident, autoescape=True))
     for number, condition in enumerate(conditions):
-        rows = (await conn.execute(select(completions_table).where(condition).order_by(c.id.desc()))).all()
+        if condition is None:
+            rows = await _by_completion_id(conn, ident)
+        else:
+            rows = (await conn.execute(select(completions_table).where(condition).order_by(c.id.desc()))).all()
         if rows:
             choices = await _choices_for(conn, [row.id for row in rows])
             found = [row_dict(row, choices[row.id]) for row in rows]
@@ -113,6 +117,35 @@ async def fetch_completion(conn: AsyncConnection, ident: str) -> list[dict[str, 
                 raise AmbiguousId(ident, found)
             return found
     return []
+
+
+async def _by_completion_id(conn: AsyncConnection, completion_id: str) -> list[Any]:
+    """Rows with this upstream completion id, newest first. The index is (started_hour, completion_id),
+    so the lookup probes it at every hour from the oldest row's to the newest's, HOUR_CHUNK hours per
+    query: an index search per hour, where `completion_id = ?` alone would read the whole table."""
+    # two subqueries: SQLite reads min() or max() off the index only when each stands alone
+    bounds = select(
+        select(func.min(c.started_hour)).scalar_subquery(), select(func.max(c.started_hour)).scalar_subquery()
+    )
+    low, high = (await conn.execute(bounds)).one()
+    found: list[Any] = []
+    if low is not None:
+        for top in range(high, low - 1, -HOUR_CHUNK):
+            hours = list(range(top, max(low, top - HOUR_CHUNK + 1) - 1, -1))
+            found += (await conn.execute(completion_id_probe(conn.dialect.name, hours, completion_id))).all()
+    # rows without an hour (inserted around the writer): their own part of the index
+    query = select(completions_table).where(c.started_hour.is_(None), c.completion_id == completion_id)
+    found += (await conn.execute(query)).all()
+    return sorted(found, key=lambda row: row.id, reverse=True)
+
+
+def completion_id_probe(dialect: str, hours: Sequence[int], completion_id: str) -> Select[Any]:
+    """The rows of `completion_id` in these hours: one index search per hour."""
+    if dialect == "postgresql":  # one array parameter: the same prepared statement for any number of hours
+        in_hours = c.started_hour == any_(bindparam("hours", list(hours), type_=ARRAY(Integer)))
+    else:
+        in_hours = c.started_hour.in_(list(hours))
+    return select(completions_table).where(in_hours, c.completion_id == completion_id)
 
 
 async def iter_completions(
