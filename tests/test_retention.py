@@ -9,7 +9,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
+import aiohttp
+import orjson
 import pytest
 from sqlalchemy import event, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,8 +23,12 @@ from proxy.store.insert import BatchWriter
 from proxy.store.migrate import upgrade
 from proxy.store.models import choices_table, completions_table
 from proxy.store.queries import fetch_completion
-from proxy.store.retention import PRUNED_BEFORE, prune, pruned_before, read_meta, record_pruned_before
+from proxy.store.retention import PRUNED_BEFORE, day_floor, prune, pruned_before, read_meta, record_pruned_before
 from proxy.store.rows import record_to_row
+
+from .conftest import Ledger
+from .querydata import run_cli
+from .test_cli import run as run_process
 
 NOW = datetime(2026, 12, 5, 15, 30, tzinfo=UTC)
 
@@ -226,3 +233,88 @@ async def test_lookup_by_completion_id_uses_the_index_and_finds_rows_in_any_hour
         else:
             assert "Seq Scan on completions" not in plan, (statement, plan)
     assert all("ix_completions_started_hour_completion_id" in plan for plan in probes), probes
+
+
+# ---- the command, and the notes where rows are listed ---------------------------------------------------
+
+
+def days_ago(days: float, now: datetime | None = None) -> datetime:
+    return (now or datetime.now(UTC)) - timedelta(days=days)
+
+
+async def test_db_prune_command(database_url: str, engine: AsyncEngine, tmp_path: Path) -> None:
+    async def prune_cli(*argv: str) -> tuple[int, str, str]:
+        return await run_process("db", "prune", *argv, "--database", database_url, cwd=tmp_path)
+
+    now = datetime.now(UTC)
+    records = [record(days_ago(day + 0.25, now), day, choices=day % 3) for day in range(8)]
+    await insert_records(engine, records)
+    cut = day_floor(days_ago(5, now))
+    doomed = [r for r in records if r.started_at < cut]
+    code, out, err = await prune_cli("--before", "5d", "--dry-run", "--json")
+    assert (code, err) == (0, "")
+    report = orjson.loads(out)
+    doomed_choices = sum(len(r.choices) for r in doomed)
+    assert (report["rows"], report["choices"], report["dry_run"]) == (len(doomed), doomed_choices, True)
+    assert report["cut"] == cut.isoformat()
+    assert len((await remaining(engine))[0]) == len(records)
+
+    code, out, err = await prune_cli("--before", cut.date().isoformat())
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"deleted {len(doomed)} row(s) and {doomed_choices} choice(s) of calls before {cut.date()} (UTC)"
+    assert re.fullmatch(r"\d+ batch\(es\), longest \d+ ms; \d+\.\d s", lines[1])
+    if engine.dialect.name == "sqlite":
+        assert re.fullmatch(r"returned [\d.,]+ (bytes|KiB|MiB) to the file system", lines[2])
+    else:
+        assert "autovacuum" in lines[2]
+    assert (await remaining(engine))[0] == {r.started_at for r in records if r.started_at >= cut}
+
+    code, _, err = await prune_cli("--before", "soon")
+    assert code == 2
+    assert "--before: expected an ISO time or an age" in err
+
+
+async def test_listings_note_pruned_days_only_when_they_reach_them(
+    ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine, url = ledger.engine, ledger.config.database.url
+    now = datetime.now(UTC)
+    await insert_records(engine, [record(days_ago(day + 0.25, now), day) for day in range(6)])
+
+    async def notes(*argv: str) -> str:
+        code, _, err = await run_cli(capsys, *argv, "--database", url)
+        assert code == 0, err
+        return err
+
+    async def api_and_page(query: str = "") -> tuple[Any, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{ledger.url}/_ledger/api/completions{query}") as response:
+                body = await response.json()
+            async with session.get(f"{ledger.url}/_ledger/requests{query}") as response:
+                page = await response.text()
+        return body["pruned_before"], page
+
+    assert await notes("logs", "-n", "0") == ""
+    assert await api_and_page() == (None, ANY)
+    assert "pruned" not in (await api_and_page())[1]
+
+    await prune(engine, days_ago(3, now))
+    horizon = day_floor(days_ago(3, now))
+    note = f"chatledger: rows before {horizon.date()} were pruned; stats still cover them\n"
+    assert await notes("logs") == note  # the listing ended before its 20 rows: the rest were pruned
+    assert await notes("logs", "-n", "0", "--json") == note
+    assert await notes("logs", "-n", "2") == ""  # the newest two: pruned days are not reached
+    assert await notes("logs", "--since", "1d") == ""
+    assert await notes("logs", "--until", "4d") == note
+    assert await notes("export") == note
+    assert await notes("export", "--since", "2d", "--format", "csv") == ""
+
+    pruned, page = await api_and_page()
+    assert pruned == horizon.isoformat().replace("+00:00", "Z")
+    assert f"Rows before {horizon.date()} were pruned; stats still cover them." in page
+    pruned, page = await api_and_page("?since=1d")
+    assert pruned == horizon.isoformat().replace("+00:00", "Z")  # the field says it whatever the filter
+    assert "were pruned" not in page
+    _, page = await api_and_page("?limit=1")
+    assert "were pruned" not in page  # a page with older pages after it

@@ -48,6 +48,24 @@ def db_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def db_prune(args: argparse.Namespace, config: Config) -> int:
+    from ..store.filters import FilterError, parse_time
+    from ..store.retention import prune
+
+    try:
+        before = parse_time(args.before, "before")
+    except FilterError as exc:
+        raise UsageError(f"--{exc.param}: {exc.message}") from None
+    report = _run(config, lambda engine: prune(engine, before, dry_run=args.dry_run))
+    if args.json:
+        _print_json(report.as_dict())
+        return 0
+    from .output import format_prune
+
+    print(format_prune(report, sqlite=config.database.url.startswith("sqlite")))
+    return 0
+
+
 # ---- query commands ---------------------------------------------------------------------------
 
 
@@ -159,9 +177,12 @@ async def _print_logs(engine: Any, filters: Any, *, limit: int, as_json: bool) -
     from ..store.queries import iter_completions
     from .output import format_logs
 
+    horizon = await _pruned_horizon(engine, filters)
     page: list[dict[str, Any]] = []
     printed = False
+    count = 0
     async for row in iter_completions(engine, filters, limit=limit, newest_first=True, chunk=LOGS_PAGE_ROWS):
+        count += 1
         if as_json:
             _print_json(row)
             continue
@@ -171,6 +192,25 @@ async def _print_logs(engine: Any, filters: Any, *, limit: int, as_json: bool) -
             page, printed = [], True
     if not as_json and (page or not printed):
         print(format_logs(page))
+    _note_pruned(horizon, limit, count)
+
+
+async def _pruned_horizon(engine: Any, filters: Any) -> Any:
+    """The prune horizon when the selection reaches before it, else None."""
+    from ..store.retention import pruned_before, reaches_pruned
+
+    async with engine.connect() as conn:
+        horizon = await pruned_before(conn)
+    return horizon if reaches_pruned(horizon, filters.since) else None
+
+
+def _note_pruned(horizon: Any, limit: int, count: int) -> None:
+    """One line on stderr when the listing ran into pruned days (it ended before its limit)."""
+    if horizon is not None and (limit == 0 or count < limit):
+        from ..store.retention import pruned_note
+
+        sys.stdout.flush()
+        print(f"chatledger: {pruned_note(horizon)}", file=sys.stderr)
 
 
 def stats(args: argparse.Namespace, config: Config) -> int:
@@ -207,13 +247,19 @@ def export(args: argparse.Namespace, config: Config) -> int:
     filters = _filter_values(args)
 
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
+
+    async def job(engine: Any) -> tuple[int, Any]:
+        horizon = await _pruned_horizon(engine, filters)
+        return await export_rows(engine, filters, args.format, out, limit=args.limit), horizon
+
     try:
-        count = _run(config, lambda engine: export_rows(engine, filters, args.format, out, limit=args.limit))
+        count, horizon = _run(config, job)
     finally:
         if out is not sys.stdout:
             out.close()
     if args.output:
         print(f"exported {count:,} completion(s) to {args.output}", file=sys.stderr)
+    _note_pruned(horizon, args.limit, count)
     return 0
 
 

@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     db_status = db_commands.add_parser("status", help="migration revision, row counts and spool backlog")
     _common(db_status)
     db_status.set_defaults(handler=run.db_status)
+    db_prune = db_commands.add_parser(
+        "prune", help="delete the calls before a day (stats and rollups keep their totals)"
+    )
+    _common(db_prune)
+    db_prune.add_argument(
+        "--before",
+        required=True,
+        metavar="WHEN",
+        help="ISO date or time, or an age like 90d; rows before that UTC day go",
+    )
+    db_prune.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
+    db_prune.set_defaults(handler=run.db_prune)
 
     logs = commands.add_parser(
         "logs", help="recent completions, newest first; `logs show ID` for one in full"

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ..store.filters import Filters
 from ..store.pricing.book import RATE_FIELDS, PriceEntry
 from ..store.queries import COLUMNS, iter_completions, short_id, to_json
+from ..store.retention import PruneReport
 from ..store.stats import Stats, StatsRow
 from .escape import csv_cell, terminal_text
 
@@ -185,6 +186,40 @@ def format_keys(rows: Sequence[dict[str, Any]]) -> str:
         for r in rows
     ]
     return table(headers, lines, right=(2,))
+
+
+def _bytes(size: int) -> str:
+    if size < 1024:
+        return f"{size:,} bytes"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{value:,.1f} GiB"
+
+
+def format_prune(report: PruneReport, *, sqlite: bool) -> str:
+    day = report.cut.date().isoformat()
+    if report.dry_run:
+        return (
+            f"would delete {report.rows:,} row(s) and {report.choices:,} choice(s) of calls before {day} (UTC); "
+            f"counted in {report.seconds:.1f} s"
+        )
+    lines = [
+        f"deleted {report.rows:,} row(s) and {report.choices:,} choice(s) of calls before {day} (UTC)",
+        f"{report.batches:,} batch(es), longest {report.longest_batch_ms:,.0f} ms; {report.seconds:.1f} s",
+    ]
+    if report.space_returned is not None:
+        lines.append(f"returned {_bytes(report.space_returned)} to the file system")
+    elif sqlite and report.rows:
+        lines.append(
+            "the file keeps its size (freed pages are reused): it was created without auto_vacuum incremental, "
+            "which one VACUUM switches on (docs/reliability.md, Retention)"
+        )
+    elif not sqlite and report.rows:
+        lines.append("PostgreSQL reuses the freed space after autovacuum; the files do not shrink")
+    return "\n".join(lines)
 
 
 def _csv_value(value: Any) -> Any:

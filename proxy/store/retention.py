@@ -31,7 +31,7 @@ VACUUM_STEP_PAGES = 2048  # 8 MiB of 4 KiB pages per incremental_vacuum: one sho
 @dataclass(slots=True)
 class PruneReport:
     """What a prune deleted (or, dry run, would delete); `space_returned` is bytes given back to the file
-    system (SQLite with auto_vacuum incremental; None elsewhere)."""
+    system (SQLite with auto_vacuum incremental; None elsewhere, where the freed space is reused)."""
 
     cut: datetime
     rows: int = 0
@@ -74,6 +74,15 @@ async def pruned_before(conn: AsyncConnection) -> datetime | None:
         return datetime.fromisoformat(value).astimezone(UTC)
     except ValueError:
         return None
+
+
+def reaches_pruned(horizon: datetime | None, since: datetime | None) -> bool:
+    """Whether a selection starting at `since` (None: the beginning) reaches into pruned days."""
+    return horizon is not None and (since is None or since < horizon)
+
+
+def pruned_note(horizon: datetime) -> str:
+    return f"rows before {horizon.date().isoformat()} were pruned; stats still cover them"
 
 
 async def record_pruned_before(engine: AsyncEngine, cut: datetime) -> datetime:
@@ -186,16 +195,16 @@ async def prune(
     return report
 
 
-async def incremental_vacuum(engine: AsyncEngine, step_pages: int = VACUUM_STEP_PAGES) -> int:
-    """SQLite: give free pages back to the file system, `step_pages` per write lock; returns bytes freed
-    (0 when the file is not in auto_vacuum incremental mode, where only VACUUM shrinks it)."""
+async def incremental_vacuum(engine: AsyncEngine, step_pages: int = VACUUM_STEP_PAGES) -> int | None:
+    """SQLite: give free pages back to the file system, `step_pages` per write lock; returns bytes freed,
+    or None when the file is not in auto_vacuum incremental mode (only VACUUM shrinks it)."""
     freed = 0
     async with engine.connect() as conn:
         mode = (await conn.exec_driver_sql("PRAGMA auto_vacuum")).scalar_one()
         page_size = (await conn.exec_driver_sql("PRAGMA page_size")).scalar_one()
         await conn.rollback()
     if mode != 2:
-        return 0
+        return None
     while True:
         async with engine.connect() as conn:
             free = (await conn.exec_driver_sql("PRAGMA freelist_count")).scalar_one()

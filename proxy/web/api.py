@@ -8,6 +8,7 @@ from aiohttp import web
 
 from ..store.filters import FilterError, parse_filters
 from ..store.queries import AmbiguousId, fetch_completion, fetch_completions
+from ..store.retention import pruned_before
 from ..store.stats import fetch_stats, parse_dimension
 from .appkeys import CONFIG, ENGINE, METRICS
 from .auth import AUTH, AdminAuth, guarded
@@ -43,8 +44,9 @@ async def completions(request: web.Request) -> web.Response:
         return api_error(400, exc.message, "invalid_parameter", exc.param)
     async with request.app[ENGINE].connect() as conn:
         rows = await fetch_completions(conn, filters, limit=limit + 1, before_id=cursor)
+        horizon = await pruned_before(conn)
     next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
-    return json_response({"data": rows[:limit], "next_cursor": next_cursor})
+    return json_response({"data": rows[:limit], "next_cursor": next_cursor, "pruned_before": horizon})
 
 
 async def completion(request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from ...store.filters import FilterError, Filters, parse_filters
 from ...store.latency import fetch_percentiles
 from ...store.models import ApiKey
 from ...store.queries import COLUMNS, AmbiguousId, fetch_completion, fetch_completions, short_id, to_json
+from ...store.retention import pruned_before, pruned_note, reaches_pruned
 from ...store.series import fetch_series
 from ...store.stats import StatsRow, fetch_stats
 from ..appkeys import ENGINE
@@ -179,15 +180,18 @@ async def requests_list(request: web.Request) -> web.Response:
         limit = _page_size(request.query.get("limit"))
         cursor = _cursor(request.query.get("cursor"))
     except FilterError as exc:
-        empty = {"rows": [], "next_cursor": None, "cursor": None}
+        empty = {"rows": [], "next_cursor": None, "cursor": None, "pruned_note": None}
         return await _bad_filter(request, "requests.html", params, exc, empty)
     async with request.app[ENGINE].connect() as conn:
         rows = await fetch_completions(conn, filters, limit=limit + 1, before_id=cursor)
+        horizon = await pruned_before(conn)
     next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
     context = {
         "title": "Requests",
         "rows": [_list_row(row) for row in rows[:limit]],
         "next_cursor": next_cursor,
+        # on the last page only: the list ends there because older calls were pruned
+        "pruned_note": pruned_note(horizon) if not next_cursor and reaches_pruned(horizon, filters.since) else None,
         "cursor": cursor,
         "limit": limit if limit != PAGE_SIZE else None,
         **_form_context(params, None),
