@@ -98,6 +98,18 @@ class ModelPrice:
     reasoning: Decimal | None = None
 
 
+RETENTION_INTERVAL = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """`[retention]`: with days > 0 the writer deletes calls older than that many days (whole UTC days),
+    checking every `interval` seconds; 0 keeps every row."""
+
+    days: int = 0
+    interval: float = RETENTION_INTERVAL
+
+
 PRICE_RELOAD_INTERVAL = 60.0
 
 
@@ -115,6 +127,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     routes: tuple[RouteConfig, ...] = ()
 
     def replace(self, section: str, **changes: Any) -> Config:
@@ -127,7 +140,11 @@ _SECTIONS = {
     "database": DatabaseConfig,
     "logging": LoggingConfig,
     "admin": AdminConfig,
+    "retention": RetentionConfig,
 }
+DURATIONS = {"retention.interval"}  # seconds, or a duration such as "1d", "6h", "30m"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -171,6 +188,15 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _duration(key: str, value: str) -> Any:
+    """"1d", "12h", "1h30m" as seconds; anything else is left for the number check to refuse."""
+    text = value.strip()
+    parts = _DURATION.findall(text)
+    if not parts or _DURATION.sub("", text).strip():
+        return value
+    return sum(float(amount) * _SECONDS[unit.lower()] for amount, unit in parts)
 
 
 def _price(key: str, value: Any) -> Decimal:
@@ -246,6 +272,8 @@ def _apply(config: Config, section: str, name: str, value: Any, origin: str) -> 
     key = f"{section}.{name}"
     if name not in fields:
         raise ConfigError(f"{key}: unknown key{origin}")
+    if key in DURATIONS and isinstance(value, str):
+        value = _duration(key + origin, value)
     return config.replace(section, **{name: _coerce(key + origin, fields[name], value)})
 
 
@@ -340,6 +368,12 @@ def validate(config: Config) -> Config:
         raise ConfigError("database.queue_max: expected at least 1")
     if config.database.batch_max < 1:
         raise ConfigError("database.batch_max: expected at least 1")
+    if config.retention.days < 0:
+        raise ConfigError(f"retention.days: expected 0 (keep every row) or more, got {config.retention.days}")
+    if config.retention.interval < 1:
+        raise ConfigError(
+            f"retention.interval: expected at least 1 second, got {config.retention.interval:g}"
+        )
     config = config.replace("upstream", url=_upstream_url("upstream.url", config.upstream.url))
     config = dataclasses.replace(config, routes=_validate_routes(config.routes))
     return config.replace("database", url=normalize_database_url(config.database.url))

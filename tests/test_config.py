@@ -33,7 +33,7 @@ from proxy.config import (
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
-SECTIONS = ("server", "upstream", "database", "logging", "admin")
+SECTIONS = ("server", "upstream", "database", "logging", "admin", "retention")
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ through the writer's own insert path (store.insert.BatchWriter)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -14,21 +15,25 @@ from unittest.mock import ANY
 import aiohttp
 import orjson
 import pytest
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy.config import ConfigError, RetentionConfig, load
 from proxy.parse.record import ChoiceRecord, CompletionRecord
 from proxy.store.engine import create_engine
 from proxy.store.insert import BatchWriter
 from proxy.store.migrate import upgrade
 from proxy.store.models import choices_table, completions_table
 from proxy.store.queries import fetch_completion
-from proxy.store.retention import PRUNED_BEFORE, day_floor, prune, pruned_before, read_meta, record_pruned_before
+from proxy.store.retention import PRUNED_BEFORE, day_floor, meta, prune, pruned_before, read_meta, record_pruned_before
 from proxy.store.rows import record_to_row
+from proxy.writer.retention import RUN_AT, Retention, claim, stamp
 
-from .conftest import Ledger
+from .conftest import Ledger, make_config, start_ledger
+from .helpers import eventually
 from .querydata import run_cli
 from .test_cli import run as run_process
+from .upstream import FakeUpstream
 
 NOW = datetime(2026, 12, 5, 15, 30, tzinfo=UTC)
 
@@ -318,3 +323,89 @@ async def test_listings_note_pruned_days_only_when_they_reach_them(
     assert "were pruned" not in page
     _, page = await api_and_page("?limit=1")
     assert "were pruned" not in page  # a page with older pages after it
+
+
+# ---- the writer's periodic prune ------------------------------------------------------------------------
+
+
+async def test_only_one_of_two_writers_claims_an_interval(database_url: str, engine: AsyncEngine) -> None:
+    other = create_engine(database_url)
+    try:
+        now = datetime.now(UTC)
+        first = await asyncio.gather(*(claim(e, 3600, now) for e in (engine, other, engine, other)))
+        assert sorted(first) == [False, False, False, True]
+        assert not await claim(other, 3600, now + timedelta(minutes=59))
+        later = now + timedelta(hours=1)
+        assert sorted(await asyncio.gather(claim(engine, 3600, later), claim(other, 3600, later))) == [False, True]
+        runners = [Retention(e, RetentionConfig(days=2, interval=3600)) for e in (engine, other)]
+        await insert_records(engine, [record(days_ago(day, now), day) for day in range(6)])
+        async with engine.begin() as conn:  # the last run is over an hour old
+            await conn.execute(update(meta).where(meta.c.key == RUN_AT).values(value=stamp(now - timedelta(hours=2))))
+        assert sorted(await asyncio.gather(*(r.run_once() for r in runners))) == [False, True]
+        assert sum(r.runs for r in runners) == 1
+        assert min((await remaining(engine))[0]) >= day_floor(days_ago(2, now))
+        assert not any(await asyncio.gather(*(r.run_once() for r in runners)))  # this interval is taken
+    finally:
+        await other.dispose()
+
+
+@pytest.mark.parametrize("writer", ["inline", "process"])
+async def test_writer_prunes_once_per_interval(
+    writer: str, upstream: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    config = make_config(
+        upstream.url, database_url, tmp_path, database={"writer": writer}, retention={"days": 3, "interval": 1.0}
+    )
+    setup = create_engine(database_url)
+    await upgrade(setup)
+    now = datetime.now(UTC)
+    records = [record(days_ago(day + 0.5, now), day) for day in range(8)]
+    await insert_records(setup, records)
+    cut = day_floor(days_ago(3, now))
+    kept = sum(1 for r in records if r.started_at >= cut)
+    ledger = await start_ledger(config)
+    try:
+        async def pruned() -> bool:
+            return all(at >= cut for at in (await remaining(setup))[0])
+
+        await eventually(pruned, within=15)
+        async with setup.connect() as conn:
+            assert await pruned_before(conn) == cut
+            first_run = await read_meta(conn, RUN_AT)
+        await insert_records(setup, [record(days_ago(10, now), 1)])  # arrives late (a replayed spool)
+        await eventually(pruned, within=15)  # the next interval's run takes it
+        async with setup.connect() as conn:
+            assert (await read_meta(conn, RUN_AT) or "") > (first_run or "")
+        async with (  # the proxy kept serving meanwhile
+            aiohttp.ClientSession() as session,
+            session.post(f"{ledger.url}/v1/chat/completions", json={"model": "gpt-4o"}) as response,
+        ):
+            assert response.status == 200
+        assert len(await ledger.rows(count=kept + 1)) == kept + 1
+    finally:
+        await ledger.stop()
+        await setup.dispose()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("", RetentionConfig(days=0, interval=86_400.0)),
+        ("days = 90\ninterval = '6h'", RetentionConfig(days=90, interval=21_600.0)),
+        ("days = 30\ninterval = '1h30m'", RetentionConfig(days=30, interval=5_400.0)),
+        ("interval = 600", RetentionConfig(days=0, interval=600.0)),
+        ("days = -1", "retention.days: expected 0 (keep every row) or more, got -1"),
+        ("interval = 0.5", "retention.interval: expected at least 1 second, got 0.5"),
+        ("interval = 'daily'", "retention.interval: expected a number, got 'daily'"),
+        ("keep = 3", "retention.keep: unknown key"),
+    ],
+)
+def test_retention_config(tmp_path: Path, body: str, expected: Any) -> None:
+    path = tmp_path / "chatledger.toml"
+    path.write_text(f"[retention]\n{body}\n")
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError) as caught:
+            load(str(path), environ={})
+        assert str(caught.value) == expected
+    else:
+        assert load(str(path), environ={}).retention == expected

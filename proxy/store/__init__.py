@@ -12,5 +12,6 @@
 - series.py      requests and cost per hour or day, by the top models (the dashboard's chart)
 - latency.py     p50/p95 duration over a whole selection
 - key_labels.py  labels for key fingerprints
+- retention.py   deleting old calls in short batches; the prune horizon (ledger_meta)
 - pricing/       price book, the prices table, OpenRouter sync, reprice, the running pricer
 """

@@ -94,7 +94,7 @@ async def record_pruned_before(engine: AsyncEngine, cut: datetime) -> datetime:
             return current
         if current is None:
             inserted = await conn.execute(
-                _insert_ignore(conn.dialect.name).values(key=PRUNED_BEFORE, value=cut.isoformat())
+                insert_ignore(conn.dialect.name).values(key=PRUNED_BEFORE, value=cut.isoformat())
             )
             if inserted.rowcount:
                 return cut
@@ -107,7 +107,7 @@ async def record_pruned_before(engine: AsyncEngine, cut: datetime) -> datetime:
         return max(cut, await pruned_before(conn) or cut)
 
 
-def _insert_ignore(dialect: str) -> Any:
+def insert_ignore(dialect: str) -> Any:
     """INSERT that does nothing when the key exists (another process got there first)."""
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -136,6 +136,7 @@ async def prune(
     batch_rows: int = BATCH_ROWS,
     batch_seconds: float = BATCH_SECONDS,
     vacuum: bool = True,
+    stop: asyncio.Event | None = None,
 ) -> PruneReport:
     """Delete the calls that started before `before` floored to its UTC day, with their choices.
 
@@ -143,7 +144,8 @@ async def prune(
     a batch that takes longer than `batch_seconds` halves the next one (never above `batch_rows`).
     Between batches the pruner pauses as long as the batch took, so a writer waiting for SQLite's lock
     gets it before the next batch. On SQLite the freed pages then go back to the file system in small
-    incremental_vacuum steps (when the file has auto_vacuum incremental).
+    incremental_vacuum steps (when the file has auto_vacuum incremental). Setting `stop` ends the prune
+    after the batch in progress (never in the middle of one).
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
@@ -160,7 +162,7 @@ async def prune(
     await record_pruned_before(engine, cut)
     size = min(batch_rows, max(MIN_BATCH_ROWS, batch_rows // 4))
     low_hour: int | None = None  # keyset: hours below it hold no more rows to delete
-    while True:
+    while stop is None or not stop.is_set():
         async with engine.connect() as conn:
             query = select(c.id, c.started_hour).where(c.started_hour < cut_hour)
             if low_hour is not None:
@@ -190,12 +192,14 @@ async def prune(
         else:
             await asyncio.sleep(0)
     if sqlite and vacuum:
-        report.space_returned = await incremental_vacuum(engine)
+        report.space_returned = await incremental_vacuum(engine, stop=stop)
     report.seconds = time.perf_counter() - started
     return report
 
 
-async def incremental_vacuum(engine: AsyncEngine, step_pages: int = VACUUM_STEP_PAGES) -> int | None:
+async def incremental_vacuum(
+    engine: AsyncEngine, step_pages: int = VACUUM_STEP_PAGES, stop: asyncio.Event | None = None
+) -> int | None:
     """SQLite: give free pages back to the file system, `step_pages` per write lock; returns bytes freed,
     or None when the file is not in auto_vacuum incremental mode (only VACUUM shrinks it)."""
     freed = 0
@@ -205,7 +209,7 @@ async def incremental_vacuum(engine: AsyncEngine, step_pages: int = VACUUM_STEP_
         await conn.rollback()
     if mode != 2:
         return None
-    while True:
+    while stop is None or not stop.is_set():
         async with engine.connect() as conn:
             free = (await conn.exec_driver_sql("PRAGMA freelist_count")).scalar_one()
             if not free:

@@ -17,6 +17,7 @@ from ..store.pricing.pricer import Pricer
 from ..writer.link import RecorderLink
 from ..writer.protocol import Recorder
 from ..writer.recorder import BatchRecorder, batch_hook
+from ..writer.retention import Retention
 from .api import add_routes as add_api_routes
 from .appkeys import CONFIG, ENGINE, FORWARDER, METRICS, PRICER, RECORDER, STARTUP
 from .dashboard import add_routes as add_dashboard_routes
@@ -52,16 +53,22 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
 async def _recorder(app: web.Application) -> AsyncIterator[None]:
     config, metrics = app[CONFIG], app[METRICS]
     recorder: Recorder
-    if config.database.writer == "process":
+    retention = None
+    if config.database.writer == "process":  # the writer process runs retention
         recorder = RecorderLink(config, metrics.apply, app[PRICER].apply)
     else:
         hook = batch_hook(app[PRICER], metrics.observe, config.logging.access_log)
         recorder = BatchRecorder.from_config(app[ENGINE], config.database, hook)
+        retention = Retention(app[ENGINE], config.retention)
     await recorder.start()
+    if retention is not None:
+        await retention.start()
     metrics.watch(recorder)
     app[RECORDER] = recorder
     app[FORWARDER].submit = recorder.submit
     yield
+    if retention is not None:
+        await retention.stop()
     # as long as in-flight requests got: past it, what the writer has not written goes to the spool
     await recorder.close(timeout=max(1.0, config.server.shutdown_grace))
 

@@ -12,4 +12,5 @@ on disk when the database cannot take them, and come back from the spool by repl
 - errors.py    data errors versus an unreachable database
 - file_watch.py  the SQLite file deleted or replaced under the writer
 - summary.py   a batch reduced to its metric sums
+- retention.py the background prune of calls older than [retention] days
 """

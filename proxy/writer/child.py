@@ -1,11 +1,11 @@
 """The writer process (`python -m proxy.writer.child`): a BatchRecorder fed by its serving process.
 
 It reads Items frames from stdin, parses each captured call as it arrives (parse.materialize) and hands
-the records to its recorder; four times a second it reports its WriterStats and the batches' metric sums
-on stdout. It stops when its parent says Close or its stdin ends, after draining to the database for the
-Close's drain seconds and spooling the rest. SIGUSR1 (the parent's shutdown deadline) stops it reading
-at once: what it holds is spooled, and the parent spools the calls it never read. See link.py for the
-parent's side.
+the records to its recorder (and runs the retention task, retention.py); four times a second it reports
+its WriterStats and the batches' metric sums on stdout. It stops when its parent says Close or its stdin
+ends, after draining to the database for the Close's drain seconds and spooling the rest. SIGUSR1 (the
+parent's shutdown deadline) stops it reading at once: what it holds is spooled, and the parent spools the
+calls it never read. See link.py for the parent's side.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..parse import Capture, CompletionRecord, materialize
 from ..runtime import tune_garbage_collector, usable_cpus
 from .framing import Close, FrameReader, IdleReply, IdleRequest, Items, Ready, Start, StatsReport, frame
 from .recorder import BatchRecorder, batch_hook
+from .retention import Retention
 from .ring import RingReader, in_ring
 from .summary import BatchSummary, summarize
 
@@ -62,6 +63,8 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
         batch_hook(pricer, lambda records: summarize(records, into=summary), config.logging.access_log),
     )
     await recorder.start()
+    retention = Retention(engine, config.retention)
+    await retention.start()
     tune_garbage_collector()
 
     def report_stats() -> None:
@@ -127,6 +130,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
             await reading
     finally:
         reporter.cancel()
+        await retention.stop()
         await recorder.close(timeout=0.0 if stopped else drain)
         await pricer.stop()
         await engine.dispose()
