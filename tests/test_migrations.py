@@ -18,7 +18,16 @@ from proxy.store.engine import WAL_AUTOCHECKPOINT_PAGES, create_engine
 from proxy.store.migrate import alembic_config, current_revision, head_revision, upgrade
 from proxy.store.models import Base
 
-TABLES = {"completions", "completion_choices", "prices", "api_keys", "ledger_meta"}
+TABLES = {
+    "completions",
+    "completion_choices",
+    "prices",
+    "api_keys",
+    "ledger_meta",
+    "usage_hourly",
+    "usage_daily",
+    "usage_daily_users",
+}
 
 
 def _drift(connection: Connection) -> list[Any]:

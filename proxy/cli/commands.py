@@ -66,6 +66,28 @@ def db_prune(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def db_rollup(args: argparse.Namespace, config: Config) -> int:
+    from ..store.filters import FilterError, parse_time
+    from ..store.rollup_rebuild import rebuild
+
+    if not args.rebuild:
+        raise UsageError("db rollup: nothing to do (--rebuild recomputes the rollups from the rows)")
+    try:
+        since = parse_time(args.since, "since") if args.since else None
+    except FilterError as exc:
+        raise UsageError(f"--{exc.param}: {exc.message}") from None
+
+    report = _run(config, lambda engine: rebuild(engine, since), write=True)
+    if args.json:
+        _print_json({name: getattr(report, name) for name in report.__slots__})
+    else:
+        span = f" ({report.first_day} to {report.last_day})" if report.days else ""
+        print(f"rebuilt {report.days:,} day(s){span} from {report.rows:,} row(s) in {report.seconds:.1f}s")
+        if report.pruned_before:
+            print(f"days before {report.pruned_before} (pruned) left as they were")
+    return 0
+
+
 # ---- query commands ---------------------------------------------------------------------------
 
 

@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db_prune.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
     db_prune.set_defaults(handler=run.db_prune)
+    db_rollup = db_commands.add_parser(
+        "rollup", help="the usage rollup tables: --rebuild recomputes them from the rows"
+    )
+    _common(db_rollup)
+    db_rollup.add_argument(
+        "--rebuild", action="store_true", help="recompute the rollups from the rows, one UTC day at a time"
+    )
+    db_rollup.add_argument(
+        "--since",
+        metavar="TIME",
+        help="from the UTC day holding this ISO time or age (30m, 1h, 7d); default: the first row's",
+    )
+    db_rollup.set_defaults(handler=run.db_rollup)
 
     logs = commands.add_parser(
         "logs", help="recent completions, newest first; `logs show ID` for one in full"

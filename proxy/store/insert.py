@@ -1,4 +1,5 @@
-"""The one insert path: a batch of rows into `completions` and `completion_choices`, in one transaction.
+"""The one insert path: a batch of rows into `completions` and `completion_choices`, and their sums into the
+rollup tables (rollups.py, rollup_write.py), in one transaction.
 
 SQLAlchemy's per-row parameter processing costs more than the database does for these small rows, so
 a batch goes to the driver as plain tuples: SQLite gets multi-row INSERTs in one trip to its thread,
@@ -22,7 +23,9 @@ from typing import Any
 from sqlalchemy import Integer, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import rollup_write
 from .models import choices_table, completions_table
+from .rollups import fold_values
 from .rows import CHOICE_COLUMNS, COLUMNS, driver_converters
 
 _column_values = operator.itemgetter(*COLUMNS)
@@ -119,6 +122,7 @@ class BatchWriter:
         if skip_existing:
             rows = await _new_rows(conn, rows)
         completions, choices = self.params(rows)
+        folded = fold_values(completions, COLUMNS)
         if self._columnar:
             if completions:
                 # SQLAlchemy's asyncpg adapter opens its transaction on the first statement it runs; a
@@ -130,12 +134,15 @@ class BatchWriter:
                 )
             if choices:
                 await conn.exec_driver_sql(self._choices_sql, tuple(map(list, zip(*choices, strict=True))))
+            for sql, arrays in rollup_write.postgres_plan(folded):
+                await conn.exec_driver_sql(sql, arrays)
             return rows
         plan = [
             (_multi_row(statement, size), params)
             for statement, table_rows in ((self._completions_sql, completions), (self._choices_sql, choices))
             for size, params in _chunks(table_rows)
         ]
+        plan.extend(rollup_write.sqlite_plan(folded))
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         run_in_thread = getattr(driver, "_execute", None)

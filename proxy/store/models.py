@@ -14,17 +14,22 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     Float,
     ForeignKey,
     Index,
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from .histogram import BUCKET_COLUMNS
+from .rollups import DAILY_DIMENSIONS, DIMENSIONS, MEASURES
 from .types import Money, UTCDateTime
 
 NAMING_CONVENTION = {
@@ -152,6 +157,30 @@ class LedgerMeta(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
 
+
+def _rollup_table(name: str, period: str, dimensions: tuple[str, ...]) -> Table:
+    """A rollup table: one row per (period, dimension values, null_dims) with its sums and duration histogram.
+
+    Dimensions hold '' where the rows' value is NULL, and `null_dims` has bit i set when DIMENSIONS[i]
+    was NULL, so the key never holds a NULL and '' stays apart from NULL.
+    """
+    zero = text("0")
+    return Table(
+        name,
+        Base.metadata,
+        Column(period, Integer, primary_key=True),
+        *(Column(dimension, Text, primary_key=True) for dimension in dimensions),
+        Column("null_dims", Integer, primary_key=True),
+        *(Column(measure, BigInteger, nullable=False, server_default=zero) for measure in MEASURES),
+        *(Column(bucket, Integer, nullable=False, server_default=zero) for bucket in BUCKET_COLUMNS),
+    )
+
+
+# Sums per hour (hours since the Unix epoch, UTC, as completions.started_hour) and per day (days since the
+# epoch); per day without `user`, whose many values would multiply the rows, and per day and user apart.
+usage_hourly_table = _rollup_table("usage_hourly", "hour", DIMENSIONS)
+usage_daily_table = _rollup_table("usage_daily", "day", DAILY_DIMENSIONS)
+usage_daily_users_table = _rollup_table("usage_daily_users", "day", ("user",))
 
 completions_table = Completion.__table__
 choices_table = CompletionChoice.__table__

@@ -10,6 +10,8 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..models import completions_table
+from ..rollup_write import add_sums
+from ..rollups import DIMENSIONS, cost_changes
 from .book import PriceBook
 
 
@@ -25,15 +27,14 @@ class RepriceReport:
 
 REPRICE_COLUMNS = (
     "id",
-    "model",
-    "requested_model",
+    "started_hour",
+    *DIMENSIONS,
     "started_at",
     "prompt_tokens",
     "completion_tokens",
     "cached_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
-    "api",
     "cost",
 )
 _reprice_update = (
@@ -56,7 +57,8 @@ async def reprice(
     """Recompute `pricing` costs (and unknown ones) from the price book; upstream costs are never touched.
 
     Each row is priced at the price in effect when it started, or, with `prices_at`, at the prices in
-    effect then (`reprice --current`: a corrected price applies to the past too)."""
+    effect then (`reprice --current`: a corrected price applies to the past too). The rollups' priced and
+    cost_pusd move by each changed row's difference, in the transaction that changes the rows."""
     table = completions_table
     where = [or_(table.c.cost_source.is_(None), table.c.cost_source == "pricing")]
     if since is not None:
@@ -79,6 +81,7 @@ async def reprice(
                 return report
             last_id = rows[-1].id
             changes = []
+            moved = []
             for row in rows:
                 cost = book.cost_of(row, prices_at)
                 report.rows_checked += 1
@@ -87,6 +90,7 @@ async def reprice(
                 report.unknown_before += row.cost is None
                 report.unknown_after += cost is None
                 if cost != row.cost:
+                    moved.append((row, row.cost, cost))
                     changes.append(
                         {
                             "row_id": row.id,
@@ -97,3 +101,4 @@ async def reprice(
             report.rows_changed += len(changes)
             if changes and not dry_run:
                 await conn.execute(_reprice_update, changes)
+                await add_sums(conn, cost_changes(moved))

@@ -1,0 +1,131 @@
+"""usage_hourly, usage_daily and usage_daily_users: per-group sums and duration histograms, filled from the rows
+
+Each table holds one row per period and group with its requests, errors, tokens, cost (an integer of
+pico-USD) and a 56-bucket histogram of durations. Dimensions hold '' for NULL; null_dims has bit i set when
+dimension i (model, requested_model, api, upstream, provider, api_key_hash, user, outcome) was NULL. The
+existing rows are summed into them here; the writer keeps them current from then on.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-06
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+DIMENSIONS = ("model", "requested_model", "api", "upstream", "provider", "api_key_hash", "user", "outcome")
+USER_BIT = 64
+TOKENS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+MEASURES = ("requests", "errors", *TOKENS, "priced", "timed", "cost_pusd")
+BUCKETS = 56
+BUCKET_COLUMNS = tuple(f"h{i:02d}" for i in range(BUCKETS))
+VALUES = (*MEASURES, *BUCKET_COLUMNS)
+# bucket 0: under 5 ms; bucket i: from 5 * 1.3**(i-1) ms; bound as parameters, so the database compares
+# with the very doubles the writer bisects
+BOUND_PARAMS = {f"b{i}": 5.0 * 1.3 ** (i - 1) for i in range(1, BUCKETS)}
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'
+
+
+def _create(name: str, period: str, dimensions: Sequence[str]) -> None:
+    zero = sa.text("0")
+    op.create_table(
+        name,
+        sa.Column(period, sa.Integer(), nullable=False),
+        *(sa.Column(dimension, sa.Text(), nullable=False) for dimension in dimensions),
+        sa.Column("null_dims", sa.Integer(), nullable=False),
+        *(sa.Column(measure, sa.BigInteger(), nullable=False, server_default=zero) for measure in MEASURES),
+        *(sa.Column(bucket, sa.Integer(), nullable=False, server_default=zero) for bucket in BUCKET_COLUMNS),
+        sa.PrimaryKeyConstraint(period, *dimensions, "null_dims", name=op.f(f"pk_{name}")),
+    )
+
+
+def _bucket_case(low: int, high: int) -> str:
+    if low == high:
+        return str(low)
+    middle = (low + high + 1) // 2
+    return (
+        f"CASE WHEN duration_ms < :b{middle} THEN {_bucket_case(low, middle - 1)} "
+        f"ELSE {_bucket_case(middle, high)} END"
+    )
+
+
+def _hourly_sql(dialect: str) -> str:
+    dims = ", ".join(map(_q, DIMENSIONS))
+    if dialect == "sqlite":
+        pico = "CAST(ROUND(cost * 1000000000000.0) AS INTEGER)"
+    else:
+        pico = "CAST(cost * 1000000000000 AS BIGINT)"
+    inner = ", ".join(
+        [
+            "COUNT(*) AS requests",
+            *(f"COALESCE(SUM({name}), 0) AS {name}" for name in TOKENS),
+            "COUNT(cost) AS priced",
+            "COUNT(duration_ms) AS timed",
+            f"COALESCE(SUM({pico}), 0) AS cost_pusd",
+        ]
+    )
+    outer = ", ".join(
+        [
+            "SUM(requests)",
+            "SUM(CASE WHEN outcome = 'ok' THEN 0 ELSE requests END)",
+            *(f"SUM({name})" for name in TOKENS),
+            "SUM(priced)",
+            "SUM(timed)",
+            "SUM(cost_pusd)",
+            *(f"SUM(CASE WHEN b = {i} THEN timed ELSE 0 END)" for i in range(BUCKETS)),
+        ]
+    )
+    empty_for_null = ", ".join(f"COALESCE({_q(name)}, '')" for name in DIMENSIONS)
+    null_dims = " + ".join(
+        f"CASE WHEN {_q(name)} IS NULL THEN {1 << i} ELSE 0 END" for i, name in enumerate(DIMENSIONS)
+    )
+    columns = ", ".join(map(_q, ("hour", *DIMENSIONS, "null_dims", *VALUES)))
+    return (
+        f"INSERT INTO usage_hourly ({columns}) SELECT started_hour, {empty_for_null}, {null_dims}, {outer} FROM ("
+        f"SELECT started_hour, {dims}, {_bucket_case(0, BUCKETS - 1)} AS b, {inner} "
+        f"FROM completions WHERE started_hour IS NOT NULL GROUP BY started_hour, {dims}, b) AS g "
+        f"GROUP BY started_hour, {dims}"
+    )
+
+
+def _from_hourly_sql(table: str, dimensions: Sequence[str], null_dims: str) -> str:
+    keys = ", ".join(["hour / 24", *map(_q, dimensions), null_dims])
+    columns = ", ".join(map(_q, ("day", *dimensions, "null_dims", *VALUES)))
+    sums = ", ".join(f"SUM({_q(name)})" for name in VALUES)
+    return f"INSERT INTO {table} ({columns}) SELECT {keys}, {sums} FROM usage_hourly GROUP BY {keys}"
+
+
+def upgrade() -> None:
+    _create("usage_hourly", "hour", DIMENSIONS)
+    _create("usage_daily", "day", [name for name in DIMENSIONS if name != "user"])
+    _create("usage_daily_users", "day", ["user"])
+    bind = op.get_bind()
+    bind.execute(sa.text(_hourly_sql(bind.dialect.name)), BOUND_PARAMS)
+    daily_dimensions = [name for name in DIMENSIONS if name != "user"]
+    bind.execute(
+        sa.text(_from_hourly_sql("usage_daily", daily_dimensions, f"null_dims - (null_dims & {USER_BIT})"))
+    )
+    bind.execute(sa.text(_from_hourly_sql("usage_daily_users", ["user"], f"null_dims & {USER_BIT}")))
+
+
+def downgrade() -> None:
+    op.drop_table("usage_daily_users")
+    op.drop_table("usage_daily")
+    op.drop_table("usage_hourly")

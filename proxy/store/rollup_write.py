@@ -1,0 +1,111 @@
+"""Adding folded sums (rollups.fold) to the rollup tables: driver-level upserts, in the caller's transaction.
+
+Each group becomes `INSERT ... ON CONFLICT (key) DO UPDATE SET value = value + excluded.value`: SQLite
+gets multi-row statements (run with insert.py's others in one trip to aiosqlite's thread), PostgreSQL one
+statement per table from unnest() arrays. Keys go in sorted order, so writers that add to the same groups
+at once lock their rows in the same order and never deadlock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from functools import lru_cache
+from itertools import chain
+from typing import Any
+
+from sqlalchemy import BigInteger, Integer, Table
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.types import TypeEngine
+
+from .models import usage_daily_table, usage_daily_users_table, usage_hourly_table
+from .rollups import VALUES, Sums
+
+TABLES: tuple[Table, Table, Table] = (usage_hourly_table, usage_daily_table, usage_daily_users_table)
+# groups per SQLite statement: 100 x 77 columns stays under the 32766 variables of SQLite >= 3.32 (999 before)
+CHUNK_ROWS = (100, 10, 1) if sqlite3.sqlite_version_info >= (3, 32) else (10, 1)
+
+
+def _quoted(name: str) -> str:
+    return f'"{name}"'
+
+
+def _key_columns(table: Table) -> list[str]:
+    return [column.name for column in table.primary_key.columns]
+
+
+def _conflict_clause(table: Table) -> str:
+    keys = ", ".join(map(_quoted, _key_columns(table)))
+    updates = ", ".join(f"{_quoted(v)} = {table.name}.{_quoted(v)} + excluded.{_quoted(v)}" for v in VALUES)
+    return f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+
+
+def _columns(table: Table) -> list[str]:
+    return [*_key_columns(table), *VALUES]
+
+
+@lru_cache(maxsize=16)
+def sqlite_upsert(table_name: str, rows: int) -> str:
+    """A multi-row upsert of `rows` groups into a rollup table (cached: the sizes come from CHUNK_ROWS)."""
+    table = _table(table_name)
+    columns = _columns(table)
+    row = f"({', '.join(['?'] * len(columns))})"
+    return (
+        f"INSERT INTO {table.name} ({', '.join(map(_quoted, columns))}) VALUES {', '.join([row] * rows)} "
+        f"{_conflict_clause(table)}"
+    )
+
+
+@lru_cache(maxsize=4)
+def postgres_upsert(table_name: str) -> str:
+    """One upsert of a whole batch's groups from one array per column."""
+    table = _table(table_name)
+    columns = _columns(table)
+    arrays = ", ".join(f"${n}::{_array_type(table.c[name].type)}[]" for n, name in enumerate(columns, start=1))
+    return (
+        f"INSERT INTO {table.name} ({', '.join(map(_quoted, columns))}) SELECT * FROM unnest({arrays}) "
+        f"{_conflict_clause(table)}"
+    )
+
+
+def _array_type(kind: TypeEngine[Any]) -> str:
+    if isinstance(kind, BigInteger):
+        return "bigint"
+    return "integer" if isinstance(kind, Integer) else "text"
+
+
+def _table(name: str) -> Table:
+    return next(table for table in TABLES if table.name == name)
+
+
+def _rows(sums: Sums) -> list[tuple[Any, ...]]:
+    return [(*key, *sums[key]) for key in sorted(sums)]
+
+
+def sqlite_plan(folded: tuple[Sums, ...]) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """(statement, parameters) for each multi-row upsert the folded sums need."""
+    for table, sums in zip(TABLES, folded, strict=True):
+        rows = _rows(sums)
+        start = 0
+        while start < len(rows):
+            size = next(size for size in CHUNK_ROWS if size <= len(rows) - start)
+            yield sqlite_upsert(table.name, size), tuple(chain.from_iterable(rows[start : start + size]))
+            start += size
+
+
+def postgres_plan(folded: tuple[Sums, ...]) -> Iterator[tuple[str, tuple[list[Any], ...]]]:
+    """(statement, one list per column) for each table with groups to add."""
+    for table, sums in zip(TABLES, folded, strict=True):
+        if sums:
+            yield postgres_upsert(table.name), tuple(map(list, zip(*_rows(sums), strict=True)))
+
+
+async def add_sums(conn: AsyncConnection, folded: tuple[Sums, ...]) -> None:
+    """Add folded sums to the tables in the caller's transaction, a statement at a time (the writer's
+    batches go with its own statements instead: insert.py)."""
+    if conn.dialect.name == "postgresql":
+        for sql, arrays in postgres_plan(folded):
+            await conn.exec_driver_sql(sql, arrays)
+    else:
+        for sql, params in sqlite_plan(folded):
+            await conn.exec_driver_sql(sql, params)

@@ -1,0 +1,187 @@
+"""Rollups: a batch of rows folded into per-group sums for usage_hourly, usage_daily and usage_daily_users.
+
+Pure code, no I/O: the writer folds the rows it inserted and hands the sums to rollup_write.py, which adds
+them to the tables in the same transaction. A group is keyed by its period, the dimension values ('' for
+NULL) and `null_dims`, a bitmask with bit i set when DIMENSIONS[i] was NULL.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from decimal import ROUND_HALF_UP, Decimal
+from functools import lru_cache
+from itertools import repeat
+from operator import add, itemgetter
+from typing import Any
+
+from .histogram import BUCKET_COLUMNS, BUCKETS, LOWER_BOUNDS
+
+DIMENSIONS: tuple[str, ...] = (
+    "model",
+    "requested_model",
+    "api",
+    "upstream",
+    "provider",
+    "api_key_hash",
+    "user",
+    "outcome",
+)
+USER_BIT = 1 << DIMENSIONS.index("user")
+DAILY_DIMENSIONS: tuple[str, ...] = tuple(name for name in DIMENSIONS if name != "user")
+TOKENS: tuple[str, ...] = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+# errors: outcome != 'ok'; priced: rows with a cost; timed: rows with a duration (the histogram counts those);
+# cost_pusd: the cost summed in pico-USD (10^-12 USD, the scale of the Money type), an exact integer
+MEASURES: tuple[str, ...] = ("requests", "errors", *TOKENS, "priced", "timed", "cost_pusd")
+VALUES: tuple[str, ...] = (*MEASURES, *BUCKET_COLUMNS)  # an accumulator's values, in this order
+
+Key = tuple[Any, ...]
+Sums = dict[Key, list[int]]
+
+_PICO = Decimal(10) ** 12
+_ONE = Decimal(1)
+_HOUR_AND_DIMENSIONS = itemgetter("started_hour", *DIMENSIONS)
+_row_measures = itemgetter(*TOKENS, "cost", "duration_ms")
+_OK = "ok"
+_USER = DIMENSIONS.index("user")
+
+
+def pico_usd(cost: Decimal | float | int) -> int:
+    """A cost in USD as an exact integer of pico-USD (a float as its shortest decimal text, as SQLite reads it
+    back); sub-pico digits round half away from zero, as PostgreSQL's NUMERIC(24, 12) stores them."""
+    value = cost if isinstance(cost, Decimal) else Decimal(str(cost))
+    return int((value * _PICO).quantize(_ONE, ROUND_HALF_UP))
+
+
+def _hour_and_dimensions(row: dict[str, Any]) -> Key:
+    return tuple(map(row.get, ("started_hour", *DIMENSIONS)))
+
+
+def _group(keys: list[Key], rows: Sequence[Any]) -> dict[Key, Sequence[Any]]:
+    if not keys:
+        return {}
+    if keys.count(keys[0]) == len(keys):  # one group, as a batch of steady traffic often is
+        return {keys[0]: rows}
+    groups: dict[Key, list[Any]] = defaultdict(list)
+    for key, row in zip(keys, rows, strict=True):
+        groups[key].append(row)
+    return groups
+
+
+def _sums(raw_key: Key, rows: Sequence[Any], measures: Callable[[Any], tuple[Any, ...]]) -> list[int]:
+    """One group's accumulator (VALUES order)."""
+    *tokens, costs, durations = zip(*map(measures, rows), strict=True)
+    priced = [cost for cost in costs if cost is not None]
+    timed = [duration for duration in durations if duration is not None]
+    histogram = [0] * BUCKETS
+    for bucket, count in Counter(map(bisect_right, repeat(LOWER_BOUNDS), timed)).items():  # bucket_of, in C
+        histogram[bucket] = count
+    requests = len(rows)
+    return [
+        requests,
+        requests if raw_key[-1] != _OK else 0,
+        *(sum(filter(None, column)) for column in tokens),
+        len(priced),
+        len(timed),
+        sum(map(pico_usd, priced)),
+        *histogram,
+    ]
+
+
+def _key(raw_key: Key) -> Key:
+    """(hour, dimension values with '' for NULL, null_dims)."""
+    null_dims = 0
+    values = []
+    for i, value in enumerate(raw_key[1:]):
+        if value is None:
+            null_dims |= 1 << i
+            values.append("")
+        else:
+            values.append(value)
+    return (raw_key[0], *values, null_dims)
+
+
+def _add(into: Sums, key: Key, sums: list[int]) -> None:
+    found = into.get(key)
+    if found is None:
+        into[key] = list(sums)
+    else:
+        found[:] = map(add, found, sums)
+
+
+def _by_day(hourly: Sums) -> tuple[Sums, Sums]:
+    """(daily, daily_users) sums of hourly sums."""
+    daily: Sums = {}
+    users: Sums = {}
+    for key, sums in hourly.items():
+        day, null_dims = key[0] // 24, key[-1]
+        _add(daily, (day, *key[1 : 1 + _USER], *key[2 + _USER : -1], null_dims & ~USER_BIT), sums)
+        _add(users, (day, key[1 + _USER], null_dims & USER_BIT), sums)
+    return daily, users
+
+
+def _fold(keys: list[Key], rows: Sequence[Any], measures: Callable[[Any], tuple[Any, ...]]) -> tuple[Sums, ...]:
+    hourly: Sums = {}
+    try:
+        for raw_key, group in _group(keys, rows).items():
+            if raw_key[0] is None:  # no started_at: the database refuses these rows, and their batch
+                continue
+            hourly[_key(raw_key)] = _sums(raw_key, group, measures)
+    except (TypeError, ValueError, ArithmeticError) as exc:  # a bad spooled value: the batch is refused
+        raise ValueError(f"rollups: {type(exc).__name__}: {exc}") from exc
+    return hourly, *_by_day(hourly)
+
+
+def fold(rows: Sequence[dict[str, Any]]) -> tuple[Sums, ...]:
+    """(hourly, daily, daily_users) sums of the rows (dicts of column values with started_hour), each a dict
+    key -> accumulator (VALUES order).
+
+    Keys: hourly (hour, *DIMENSIONS, null_dims); daily (day, *DAILY_DIMENSIONS, null_dims without the user
+    bit); daily_users (day, user, null_dims with only the user bit). Days are hours // 24."""
+    try:
+        keys = list(map(_HOUR_AND_DIMENSIONS, rows))
+    except KeyError:  # a row without every column (an older spool line): the missing ones are NULL
+        keys = list(map(_hour_and_dimensions, rows))
+    return _fold(keys, rows, _row_measures)
+
+
+@lru_cache(maxsize=4)
+def _positions(columns: tuple[str, ...]) -> tuple[Callable[[Any], Key], Callable[[Any], tuple[Any, ...]]]:
+    where = columns.index
+    return (
+        itemgetter(where("started_hour"), *map(where, DIMENSIONS)),
+        itemgetter(*map(where, (*TOKENS, "cost", "duration_ms"))),
+    )
+
+
+def fold_values(values: Sequence[tuple[Any, ...]], columns: tuple[str, ...]) -> tuple[Sums, ...]:
+    """fold() of rows given as tuples in `columns` order (the writer's driver parameters: a cost there is
+    what the database stores, a float on SQLite)."""
+    keys_of, measures = _positions(columns)
+    return _fold(list(map(keys_of, values)), values, measures)
+
+
+_COST_ONLY = [0] * len(VALUES)
+_PRICED = VALUES.index("priced")
+_COST = VALUES.index("cost_pusd")
+
+
+def cost_changes(changes: Iterable[tuple[Any, Decimal | None, Decimal | None]]) -> tuple[Sums, ...]:
+    """What re-pricing rows changes in the rollups: (hourly, daily, daily_users) sums of `priced` and
+    `cost_pusd` differences, from (row with started_hour and the dimensions, old cost, new cost) triples."""
+    hourly: Sums = {}
+    for row, before, after in changes:
+        delta = list(_COST_ONLY)
+        delta[_PRICED] = (after is not None) - (before is not None)
+        delta[_COST] = (pico_usd(after) if after is not None else 0) - (pico_usd(before) if before is not None else 0)
+        if (delta[_PRICED] or delta[_COST]) and row.started_hour is not None:  # else: written around the writer
+            _add(hourly, _key((row.started_hour, *(getattr(row, name) for name in DIMENSIONS))), delta)
+    return hourly, *_by_day(hourly)
