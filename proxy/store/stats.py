@@ -1,8 +1,10 @@
 """`stats`: sums, counts and latency percentiles of logged completions, grouped by one dimension.
 
-Filters come from filters.py, so `stats` and `logs` select the same rows.
+Filters come from filters.py, so `stats` and `logs` select the same rows. Where the rollups hold the
+grouping and every filter (usage.py), they answer, with percentiles from their duration histograms;
+otherwise, and with `exact`, the rows do, as below.
 
-Percentiles: PostgreSQL has percentile_cont. SQLite has none, so the same interpolated value is
+Exact percentiles: PostgreSQL has percentile_cont. SQLite has none, so the same interpolated value is
 computed from the two rows around the wanted rank: for `--by model` with LIMIT/OFFSET over the
 durations of each (model, requested_model) pair, read from the stats covering index (a bounded sort:
 SQLite keeps only the rows up to the wanted rank), for other groupings with row_number() over the
@@ -34,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import histogram, usage
 from .filters import FilterError, Filters, tag_key, where_clauses
 from .models import ApiKey, completions_table
 from .types import Money
@@ -96,6 +99,28 @@ class Stats:
     by: str
     rows: list[StatsRow]
     totals: StatsRow
+    percentiles: str = "exact"  # or the histogram's resolution, when read from the rollups
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "by": self.by,
+            "rows": [row.as_dict() for row in self.rows],
+            "totals": self.totals.as_dict(),
+            "percentiles": self.percentiles,
+        }
+
+
+# the rollup fields each grouping reads (usage.py); tags are not in the rollups
+ROLLUP_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "requested_model"),
+    "day": ("day",),
+    "hour": ("hour",),
+    "user": ("user",),
+    "key": ("api_key_hash",),
+    "provider": ("provider",),
+    "upstream": ("upstream",),
+    "api": ("api",),
+}
 
 
 def _aggregates() -> list[Any]:
@@ -140,14 +165,10 @@ def _group(by: str, dialect: str) -> tuple[Any, Any]:
     if by.startswith("tag:"):
         return c.tags[by[4:]].as_string(), table
     if dialect == "sqlite":  # by == "tag": one group per key=value pair
-        pairs = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued(
-            "key", "value"
-        )
+        pairs = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued("key", "value")
         pairs = pairs.alias("tag_pairs")
         return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
-    pairs = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued(
-        "key", "value"
-    )
+    pairs = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued("key", "value")
     pairs = pairs.lateral("tag_pairs")
     return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
 
@@ -175,8 +196,51 @@ def _index_covers(filters: Filters) -> bool:
     )
 
 
-async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats:
+def _rollup_key(by: str, values: tuple[Any, ...]) -> Any:
+    if by == "model":
+        return values[0] if values[0] is not None else values[1]
+    if by == "day":
+        return usage.day_label(values[0])
+    if by == "hour":
+        return usage.hour_label(values[0])
+    return values[0]
+
+
+def _from_aggregate(key: Any, found: usage.Aggregate) -> StatsRow:
+    row = StatsRow(key)
+    for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+        setattr(row, name, getattr(found, name))
+    row.cost = found.cost
+    row.unknown_cost = found.requests - found.priced
+    row.timed = found.timed
+    row.p50_ms, row.p95_ms = (found.percentile(p) for p in PERCENTILES)
+    return row
+
+
+async def _rollup_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats:
+    merged: dict[Any, usage.Aggregate] = {}
+    for values, found in (await usage.aggregate(conn, filters, ROLLUP_FIELDS[by])).items():
+        merged.setdefault(_rollup_key(by, values), usage.Aggregate()).merge(found)
+    groups = {key: _from_aggregate(key, found) for key, found in merged.items() if found.requests}
+    if by == "key":
+        await _attach_labels(conn, groups)
+    everything = usage.Aggregate()
+    for found in merged.values():
+        everything.merge(found)
+    rows = sorted(groups.values(), key=_order)
+    return Stats(by, rows, _from_aggregate("total", everything), histogram.RESOLUTION)
+
+
+def _order(row: StatsRow) -> tuple[Any, ...]:
+    return (row.cost is None, -(row.cost or 0), -row.requests, str(row.key))
+
+
+async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters, *, exact: bool = False) -> Stats:
+    """Per-group sums, from the rollups where they can answer (percentiles from histograms), else, or with
+    `exact`, from the rows (exact percentiles)."""
     by = parse_dimension(by)
+    if not exact and by in ROLLUP_FIELDS and usage.answerable(filters, ROLLUP_FIELDS[by]):
+        return await _rollup_stats(conn, by, filters)
     dialect = conn.dialect.name
     where = where_clauses(filters, dialect)
     key_expr, from_ = _group(by, dialect)
@@ -193,8 +257,7 @@ async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats
         extra = []
         if dialect != "sqlite":
             extra = [
-                func.percentile_cont(p).within_group(c.duration_ms).label(f"p{i}")
-                for i, p in enumerate(PERCENTILES)
+                func.percentile_cont(p).within_group(c.duration_ms).label(f"p{i}") for i, p in enumerate(PERCENTILES)
             ]
         query = select(key_expr.label("key"), *_aggregates(), *extra).select_from(from_).where(*where)
         for row in await conn.execute(query.group_by(key_expr)):
@@ -209,7 +272,7 @@ async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats
             await _window_percentiles(conn, key_expr, from_, where, groups)
     if by == "key":
         await _attach_labels(conn, groups)
-    rows = sorted(groups.values(), key=lambda r: (r.cost is None, -(r.cost or 0), -r.requests, str(r.key)))
+    rows = sorted(groups.values(), key=_order)
     return Stats(by, rows, await _totals(conn, by, where, rows))
 
 
@@ -328,7 +391,5 @@ async def _attach_labels(conn: AsyncConnection, groups: dict[Any, StatsRow]) -> 
     hashes = [key for key in groups if key is not None]
     if not hashes:
         return
-    for row in await conn.execute(
-        select(ApiKey.api_key_hash, ApiKey.label).where(ApiKey.api_key_hash.in_(hashes))
-    ):
+    for row in await conn.execute(select(ApiKey.api_key_hash, ApiKey.label).where(ApiKey.api_key_hash.in_(hashes))):
         groups[row.api_key_hash].label = row.label
