@@ -20,7 +20,9 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.credentials import key_fingerprint
-from proxy.store.models import ApiKey, choices_table, completions_table
+from proxy.store.insert import BatchWriter
+from proxy.store.models import ApiKey, completions_table
+from proxy.store.rows import COLUMNS, started_hour
 
 KEYS = ("sk-alpha-0001", "sk-beta-0002", "sk-gamma-0003")
 KEY_LABELS = {key_fingerprint(KEYS[0]): "team-search", key_fingerprint(KEYS[1]): "team-ads"}
@@ -102,10 +104,12 @@ def make_rows(count: int = 56, start: datetime | None = None) -> list[dict[str, 
 
 
 async def insert_rows(engine: AsyncEngine, rows: list[dict[str, Any]], *, labels: bool = True) -> None:
-    """Insert rows (ids follow list order) with their choices, and label two of the three keys."""
-    columns = [{k: v for k, v in row.items() if k != "choices"} for row in rows]
+    """Insert rows (ids follow list order) with their choices through the writer's insert path (which
+    keeps the rollups), and label two of the three keys."""
     async with engine.begin() as conn:
-        await conn.execute(insert(completions_table), columns)
+        blank = dict.fromkeys(COLUMNS)
+        writes = [{**blank, **row, "started_hour": started_hour(row["started_at"])} for row in rows]
+        await BatchWriter(conn.dialect.name).insert(conn, writes)
         ids = dict(
             (
                 await conn.execute(
@@ -115,11 +119,6 @@ async def insert_rows(engine: AsyncEngine, rows: list[dict[str, Any]], *, labels
                 )
             ).all()
         )
-        choices = [
-            {"completion_pk": ids[row["request_id"]], **choice} for row in rows for choice in row["choices"]
-        ]
-        if choices:
-            await conn.execute(insert(choices_table), choices)
         if labels:
             existing = set((await conn.execute(select(ApiKey.api_key_hash))).scalars())
             new = [
@@ -244,6 +243,15 @@ def percentile(values: list[float], p: float) -> float | None:
         return values[0]
     cuts = statistics.quantiles(values, n=100, method="inclusive")
     return cuts[round(p * 100) - 1]
+
+
+def within_histogram_resolution(found: float, durations: list[float], p: float) -> bool:
+    """A percentile read from a duration histogram (buckets growing by 1.3x from 5 ms) lies between the
+    buckets of the two durations around its rank (the exact percentile interpolates between those)."""
+    values = sorted(durations)
+    low = int(p * (len(values) - 1))
+    below, above = values[low], values[min(low + 1, len(values) - 1)]
+    return below / 1.3 - 5 <= found <= above * 1.3 + 5
 
 
 def expected_stats(rows: Iterable[dict[str, Any]], by: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

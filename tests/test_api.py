@@ -15,6 +15,7 @@ import openai
 import pytest
 from multidict import MultiDict
 
+from proxy.store import histogram
 from proxy.store.filters import Filters
 from proxy.store.stats import fetch_stats
 
@@ -288,3 +289,18 @@ async def test_stats(seeded: Any) -> None:
         float(r.cost) if r.cost is not None else None for r in direct.rows
     ]
     assert body["totals"]["requests"] == direct.totals.requests > 0
+
+
+async def test_stats_states_where_its_percentiles_come_from(seeded: Any) -> None:
+    ledger, _, _, _ = seeded
+    _, rollup, _ = await get(ledger, "/_ledger/api/stats", {"by": "day"})
+    _, exact, _ = await get(ledger, "/_ledger/api/stats", {"by": "day", "exact": "true"})
+    _, tagged, _ = await get(ledger, "/_ledger/api/stats", {"by": "day", "tag": "team=t1"})
+    assert rollup["percentiles"] == histogram.RESOLUTION
+    assert exact["percentiles"] == tagged["percentiles"] == "exact"
+    assert [r["requests"] for r in rollup["rows"]] == [r["requests"] for r in exact["rows"]]
+    assert rollup["totals"]["p50_ms"] is not None
+    assert exact["totals"]["p50_ms"] is None
+    status, body, _ = await get(ledger, "/_ledger/api/stats", {"exact": "perhaps"})
+    assert status == 400
+    assert body["error"]["param"] == "exact"

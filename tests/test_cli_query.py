@@ -201,8 +201,21 @@ async def test_stats(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None
     code, out, _ = await run_cli(capsys, "stats", "--database", seeded.url)
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["MODEL", "REQUESTS", "ERRORS"]
-    assert lines[-1].split()[:2] == ["total", f"{len(seeded.rows):,}"]
-    assert set(lines[-2]) == {"-", " "}
+    assert lines[-2].split()[:2] == ["total", f"{len(seeded.rows):,}"]
+    assert set(lines[-3]) == {"-", " "}
+    assert lines[-1].startswith("p50/p95 from the rollups' duration histograms, ±15%")
+
+    # --exact reads the rows: exact percentiles, no note; the same sums
+    code, out, _ = await run_cli(capsys, "stats", "--exact", "--database", seeded.url, "--json")
+    exact = orjson.loads(out)
+    assert exact["percentiles"] == "exact"
+    code, out, _ = await run_cli(capsys, "stats", "--database", seeded.url, "--json")
+    rollup = orjson.loads(out)
+    assert rollup["percentiles"].startswith("±15%")
+    for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "unknown_cost"):
+        assert [r[name] for r in rollup["rows"]] == [r[name] for r in exact["rows"]], name
+    code, out, _ = await run_cli(capsys, "stats", "--exact", "--database", seeded.url)
+    assert out.splitlines()[-1].split()[:2] == ["total", f"{len(seeded.rows):,}"]
 
     code, _, err = await run_cli(capsys, "stats", "--by", "weekday", "--database", seeded.url)
     assert code == 2

@@ -247,13 +247,11 @@ def stats(args: argparse.Namespace, config: Config) -> int:
 
     async def job(engine: Any) -> Any:
         async with engine.connect() as conn:
-            return await fetch_stats(conn, by, filters)
+            return await fetch_stats(conn, by, filters, exact=args.exact)
 
     stats = _run(config, job)
     if args.json:
-        _print_json(
-            {"by": stats.by, "rows": [r.as_dict() for r in stats.rows], "totals": stats.totals.as_dict()}
-        )
+        _print_json(stats.as_dict())
     else:
         from .output import format_stats
 

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIMENSION",
         help="model, day, hour, user, key, tag, tag:NAME, provider, upstream or api (default model)",
     )
+    stats.add_argument(
+        "--exact",
+        action="store_true",
+        help="read the rows, not the hourly rollups: exact percentiles, slower over long ranges",
+    )
     _filters(stats)
     stats.set_defaults(handler=run.stats)
 

@@ -150,7 +150,10 @@ def format_stats(stats: Stats) -> str:
         return f"{row.label} ({key})" if row.label else key
 
     lines = [_stats_cells(row, name(row)) for row in stats.rows]
-    return table(headers, lines, right=tuple(range(1, 11)), footer=_stats_cells(stats.totals, "total"))
+    text = table(headers, lines, right=tuple(range(1, 11)), footer=_stats_cells(stats.totals, "total"))
+    if stats.percentiles != "exact":
+        text += f"\np50/p95 from the rollups' duration histograms, {stats.percentiles}; --exact reads the rows"
+    return text
 
 
 def _rate(value: Decimal | None) -> str:

@@ -164,20 +164,27 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out) + "$"
 
 
-def _model_clause(pattern: str, dialect: str) -> ColumnElement[bool]:
+def model_matches(pattern: str, dialect: str, model: Any = c.model, requested: Any = c.requested_model) -> list[Any]:
+    """Whether each of the two model columns matches the name or fnmatch glob `pattern`."""
     if not any(ch in pattern for ch in "*?["):
-        return or_(c.model == pattern, c.requested_model == pattern)
+        return [model == pattern, requested == pattern]
     if dialect == "sqlite":
         glob = _glob_sql(pattern)
-        return or_(c.model.op("GLOB")(glob), c.requested_model.op("GLOB")(glob))
+        return [model.op("GLOB")(glob), requested.op("GLOB")(glob)]
     regex = _glob_regex(pattern)
-    return or_(c.model.op("~")(regex), c.requested_model.op("~")(regex))
+    return [model.op("~")(regex), requested.op("~")(regex)]
+
+
+def key_matches(key: str, column: Any = c.api_key_hash) -> ColumnElement[bool]:
+    """A key given as itself, its fingerprint or its label."""
+    labelled = select(ApiKey.api_key_hash).where(ApiKey.label == key)
+    return or_(column == key_hash(key), column.in_(labelled))
 
 
 def where_clauses(filters: Filters, dialect: str) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
     if filters.model:
-        where.append(_model_clause(filters.model, dialect))
+        where.append(or_(*model_matches(filters.model, dialect)))
     if filters.since is not None:
         where.append(c.started_at >= filters.since)
     if filters.until is not None:
@@ -187,8 +194,7 @@ def where_clauses(filters: Filters, dialect: str) -> list[ColumnElement[bool]]:
     for name, value in filters.tags:
         where.append(c.tags[name].as_string() == value)
     if filters.key:
-        labelled = select(ApiKey.api_key_hash).where(ApiKey.label == filters.key)
-        where.append(or_(c.api_key_hash == key_hash(filters.key), c.api_key_hash.in_(labelled)))
+        where.append(key_matches(filters.key))
     if filters.outcome is not None:
         where.append(c.outcome == filters.outcome)
     if filters.status is not None:

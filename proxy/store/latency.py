@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import desc, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import usage
 from .filters import Filters, where_clauses
 from .models import completions_table
 
@@ -17,7 +18,16 @@ c = completions_table.c
 PERCENTILES = (0.5, 0.95)
 
 
-async def fetch_percentiles(conn: AsyncConnection, filters: Filters) -> tuple[float | None, float | None]:
+async def fetch_percentiles(
+    conn: AsyncConnection, filters: Filters, *, exact: bool = False
+) -> tuple[float | None, float | None]:
+    """p50 and p95 of the selection's durations: from the rollups' histograms where they hold every filter
+    (within histogram.RESOLUTION), else, or with `exact`, from the rows."""
+    if not exact and usage.answerable(filters, ()):
+        everything = usage.Aggregate()
+        for found in (await usage.aggregate(conn, filters, ())).values():
+            everything.merge(found)
+        return everything.percentile(PERCENTILES[0]), everything.percentile(PERCENTILES[1])
     where = [*where_clauses(filters, conn.dialect.name), c.duration_ms.is_not(None)]
     if conn.dialect.name != "sqlite":
         query = select(*(func.percentile_cont(p).within_group(c.duration_ms) for p in PERCENTILES)).where(*where)

@@ -97,10 +97,6 @@ class Completion(Base):
         Index("ix_completions_model_started_at", "model", "started_at"),
         Index("ix_completions_requested_model", "requested_model"),
         Index("ix_completions_started_hour_completion_id", "started_hour", "completion_id"),
-        Index(  # stats --by model reads this index only; started_at third so new rows append to their model's range
-            "ix_completions_model_stats", "model", "requested_model", "started_at", "duration_ms", "outcome",
-            "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost",
-        ),
     )
 
 

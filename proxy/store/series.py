@@ -1,7 +1,7 @@
 """Spend over time: requests and cost per hour or day bucket, split by the top models (the rest as "other").
 
-The dashboard's chart reads this. It is computed from the completions rows; the interface (SeriesPoint,
-fetch_series) is what a rollup-backed implementation keeps.
+The dashboard's chart reads this, from the rollups where they hold every filter (usage.py), else from the
+completions rows.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Literal
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import usage
 from .filters import Filters, where_clauses
 from .models import completions_table
 from .types import Money
@@ -56,6 +57,27 @@ async def fetch_series(
     highest cost over the whole selection (then the most requests)."""
     if bucket not in _SQLITE_FORMAT:
         raise ValueError(f"bucket must be hour or day, got {bucket!r}")
+    if usage.answerable(filters, (bucket, "model", "requested_model")):
+        groups = [
+            (
+                usage.bucket_start(when, bucket),
+                (model if model is not None else requested) or UNKNOWN_MODEL,
+                found.requests,
+                found.cost,
+            )
+            for (when, model, requested), found in (
+                await usage.aggregate(conn, filters, (bucket, "model", "requested_model"))
+            ).items()
+            if found.requests
+        ]
+    else:
+        groups = await _row_groups(conn, filters, bucket)
+    return _top_models(groups, top)
+
+
+async def _row_groups(
+    conn: AsyncConnection, filters: Filters, bucket: Literal["hour", "day"]
+) -> list[tuple[datetime, str, int, Decimal | None]]:
     dialect = conn.dialect.name
     moment = _bucket_expr(bucket, dialect).label("bucket")
     model = func.coalesce(c.model, c.requested_model).label("model")
@@ -64,9 +86,12 @@ async def fetch_series(
         .where(*where_clauses(filters, dialect))
         .group_by(moment, model)
     )
-    groups = [
+    return [
         (_as_utc(row.bucket), row.model or UNKNOWN_MODEL, row.requests, row.cost) for row in await conn.execute(query)
     ]
+
+
+def _top_models(groups: list[tuple[datetime, str, int, Decimal | None]], top: int) -> list[SeriesPoint]:
     totals: dict[str, tuple[Decimal | None, int]] = {}
     for _, name, requests, cost in groups:
         spent, count = totals.get(name, (None, 0))

@@ -1,13 +1,11 @@
 """`stats`: sums, counts and latency percentiles of logged completions, grouped by one dimension.
 
-Filters come from filters.py, so `stats` and `logs` select the same rows.
+Filters come from filters.py, so `stats` and `logs` select the same rows. Where the rollups hold the
+grouping and every filter (usage.py), they answer, with percentiles from their duration histograms;
+otherwise, and with `exact`, the rows do, as below.
 
-Percentiles: PostgreSQL has percentile_cont. SQLite has none, so the same interpolated value is
-computed from the two rows around the wanted rank: for `--by model` with LIMIT/OFFSET over the
-durations of each (model, requested_model) pair, read from the stats covering index (a bounded sort:
-SQLite keeps only the rows up to the wanted rank), for other groupings with row_number() over the
-filtered rows (slower: it ranks every row). The index is in append order, not duration order, because
-the writer pays for every index page an insert dirties.
+Exact percentiles: PostgreSQL has percentile_cont. SQLite has none, so the same interpolated value is
+computed from the two rows around the wanted rank, found with row_number() over the filtered rows.
 """
 
 from __future__ import annotations
@@ -22,18 +20,16 @@ from sqlalchemy import (
     and_,
     case,
     cast,
-    desc,
     func,
-    literal,
     literal_column,
     or_,
     select,
     true,
     tuple_,
-    union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import histogram, usage
 from .filters import FilterError, Filters, tag_key, where_clauses
 from .models import ApiKey, completions_table
 from .types import Money
@@ -41,7 +37,6 @@ from .types import Money
 c = completions_table.c
 DIMENSIONS = ("model", "day", "hour", "user", "key", "tag", "provider", "upstream", "api")
 PERCENTILES = (0.5, 0.95)
-MAX_UNION_ARMS = 200
 MAX_WANTED_RANKS = 8000
 
 STAT_FIELDS = (
@@ -96,6 +91,28 @@ class Stats:
     by: str
     rows: list[StatsRow]
     totals: StatsRow
+    percentiles: str = "exact"  # or the histogram's resolution, when read from the rollups
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "by": self.by,
+            "rows": [row.as_dict() for row in self.rows],
+            "totals": self.totals.as_dict(),
+            "percentiles": self.percentiles,
+        }
+
+
+# the rollup fields each grouping reads (usage.py); tags are not in the rollups
+ROLLUP_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "requested_model"),
+    "day": ("day",),
+    "hour": ("hour",),
+    "user": ("user",),
+    "key": ("api_key_hash",),
+    "provider": ("provider",),
+    "upstream": ("upstream",),
+    "api": ("api",),
+}
 
 
 def _aggregates() -> list[Any]:
@@ -140,14 +157,10 @@ def _group(by: str, dialect: str) -> tuple[Any, Any]:
     if by.startswith("tag:"):
         return c.tags[by[4:]].as_string(), table
     if dialect == "sqlite":  # by == "tag": one group per key=value pair
-        pairs = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued(
-            "key", "value"
-        )
+        pairs = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued("key", "value")
         pairs = pairs.alias("tag_pairs")
         return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
-    pairs = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued(
-        "key", "value"
-    )
+    pairs = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued("key", "value")
     pairs = pairs.lateral("tag_pairs")
     return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
 
@@ -163,53 +176,69 @@ def _percentile(values: Mapping[int, float], count: int, p: float) -> float | No
     return lower + (h - low) * (upper - lower)
 
 
-def _index_covers(filters: Filters) -> bool:
-    """Whether the stats index holds every filtered column (else walking it means a table lookup per row)."""
-    return not (
-        filters.user
-        or filters.tags
-        or filters.key
-        or filters.status is not None
-        or filters.stream is not None
-        or filters.api is not None
-    )
+def _rollup_key(by: str, values: tuple[Any, ...]) -> Any:
+    if by == "model":
+        return values[0] if values[0] is not None else values[1]
+    if by == "day":
+        return usage.day_label(values[0])
+    if by == "hour":
+        return usage.hour_label(values[0])
+    return values[0]
 
 
-async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats:
+def _from_aggregate(key: Any, found: usage.Aggregate) -> StatsRow:
+    row = StatsRow(key)
+    for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+        setattr(row, name, getattr(found, name))
+    row.cost = found.cost
+    row.unknown_cost = found.requests - found.priced
+    row.timed = found.timed
+    row.p50_ms, row.p95_ms = (found.percentile(p) for p in PERCENTILES)
+    return row
+
+
+async def _rollup_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats:
+    merged: dict[Any, usage.Aggregate] = {}
+    for values, found in (await usage.aggregate(conn, filters, ROLLUP_FIELDS[by])).items():
+        merged.setdefault(_rollup_key(by, values), usage.Aggregate()).merge(found)
+    groups = {key: _from_aggregate(key, found) for key, found in merged.items() if found.requests}
+    if by == "key":
+        await _attach_labels(conn, groups)
+    everything = usage.Aggregate()
+    for found in merged.values():
+        everything.merge(found)
+    rows = sorted(groups.values(), key=_order)
+    return Stats(by, rows, _from_aggregate("total", everything), histogram.RESOLUTION)
+
+
+def _order(row: StatsRow) -> tuple[Any, ...]:
+    return (row.cost is None, -(row.cost or 0), -row.requests, str(row.key))
+
+
+async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters, *, exact: bool = False) -> Stats:
+    """Per-group sums, from the rollups where they can answer (percentiles from histograms), else, or with
+    `exact`, from the rows (exact percentiles)."""
     by = parse_dimension(by)
+    if not exact and by in ROLLUP_FIELDS and usage.answerable(filters, ROLLUP_FIELDS[by]):
+        return await _rollup_stats(conn, by, filters)
     dialect = conn.dialect.name
     where = where_clauses(filters, dialect)
     key_expr, from_ = _group(by, dialect)
     groups: dict[Any, StatsRow] = {}
-    pairs: dict[Any, list[tuple[str | None, str | None, int]]] = {}
-    if dialect == "sqlite" and by == "model":
-        # grouping by the indexed pair streams; coalesce(model, requested_model) would sort every row
-        query = select(c.model, c.requested_model, *_aggregates()).where(*where)
-        for row in await conn.execute(query.group_by(c.model, c.requested_model)):
-            key = row.model if row.model is not None else row.requested_model
-            groups.setdefault(key, StatsRow(key)).add(row)
-            pairs.setdefault(key, []).append((row.model, row.requested_model, row.timed))
-    else:
-        extra = []
-        if dialect != "sqlite":
-            extra = [
-                func.percentile_cont(p).within_group(c.duration_ms).label(f"p{i}")
-                for i, p in enumerate(PERCENTILES)
-            ]
-        query = select(key_expr.label("key"), *_aggregates(), *extra).select_from(from_).where(*where)
-        for row in await conn.execute(query.group_by(key_expr)):
-            stats = groups[row.key] = StatsRow(row.key)
-            stats.add(row)
-            if extra:
-                stats.p50_ms, stats.p95_ms = row.p0, row.p1
+    extra = []
+    if dialect != "sqlite":
+        extra = [func.percentile_cont(p).within_group(c.duration_ms).label(f"p{i}") for i, p in enumerate(PERCENTILES)]
+    query = select(key_expr.label("key"), *_aggregates(), *extra).select_from(from_).where(*where)
+    for row in await conn.execute(query.group_by(key_expr)):
+        stats = groups[row.key] = StatsRow(row.key)
+        stats.add(row)
+        if extra:
+            stats.p50_ms, stats.p95_ms = row.p0, row.p1
     if dialect == "sqlite" and groups:
-        if by == "model" and _index_covers(filters):
-            await _model_percentiles(conn, where, groups, pairs)
-        else:
-            await _window_percentiles(conn, key_expr, from_, where, groups)
+        await _window_percentiles(conn, key_expr, from_, where, groups)
     if by == "key":
         await _attach_labels(conn, groups)
-    rows = sorted(groups.values(), key=lambda r: (r.cost is None, -(r.cost or 0), -r.requests, str(r.key)))
+    rows = sorted(groups.values(), key=_order)
     return Stats(by, rows, await _totals(conn, by, where, rows))
 
 
@@ -223,62 +252,6 @@ async def _totals(conn: AsyncConnection, by: str, where: list[Any], rows: list[S
     row = (await conn.execute(select(*_aggregates()).where(*where))).one()
     totals.add(row)
     return totals
-
-
-async def _model_percentiles(
-    conn: AsyncConnection,
-    where: list[Any],
-    groups: dict[Any, StatsRow],
-    pairs: dict[Any, list[tuple[str | None, str | None, int]]],
-) -> None:
-    """For each group and percentile, the two durations around the wanted rank, read with LIMIT 2 OFFSET k
-    from the group's (model, requested_model) pairs, from the nearer end (the sort keeps fewer rows)."""
-    pieces: list[Any] = []
-    wanted: list[tuple[Any, int, float]] = []
-    for key, members in pairs.items():
-        count = sum(timed for _, _, timed in members)
-        if count == 0:
-            continue
-        arms = [
-            select(c.duration_ms.label("d")).where(
-                *where,
-                c.model.is_(None) if model is None else c.model == model,
-                c.requested_model.is_(None) if requested is None else c.requested_model == requested,
-                c.duration_ms.is_not(None),
-            )
-            for model, requested, timed in members
-            if timed
-        ]
-        if len(arms) > MAX_UNION_ARMS:  # SQLite caps compound selects; sort this group instead
-            group = func.coalesce(c.model, c.requested_model)
-            arms = [select(c.duration_ms.label("d")).where(*where, group == key, c.duration_ms.is_not(None))]
-        source: Any = union_all(*arms).subquery() if len(arms) > 1 else arms[0].subquery()
-        for p in PERCENTILES:
-            low = int(p * (count - 1))
-            from_top = low > count // 2 and count - 2 - low >= 0
-            ordered = (
-                select(source.c.d)
-                .order_by(desc(source.c.d) if from_top else source.c.d)
-                .limit(2)
-                .offset(count - 2 - low if from_top else low)
-                .subquery()
-            )
-            pieces.append(select(literal(len(wanted)).label("piece"), ordered.c.d))
-            wanted.append((key, count, p))
-    found: dict[int, list[float]] = {}
-    for start in range(0, len(pieces), MAX_UNION_ARMS):  # one round trip per 200 lookups
-        chunk = pieces[start : start + MAX_UNION_ARMS]
-        query = union_all(*chunk) if len(chunk) > 1 else chunk[0]
-        for row in await conn.execute(query):
-            found.setdefault(row.piece, []).append(row.d)
-    results: dict[Any, dict[float, float | None]] = {}
-    for piece, (key, count, p) in enumerate(wanted):
-        values = sorted(found.get(piece, ()))
-        low = int(p * (count - 1))
-        ranks = {low: values[0], low + 1: values[-1]} if values else {}
-        results.setdefault(key, {})[p] = _percentile(ranks, count, p) if ranks else None
-    for key, by_p in results.items():
-        groups[key].p50_ms, groups[key].p95_ms = by_p.get(PERCENTILES[0]), by_p.get(PERCENTILES[1])
 
 
 async def _window_percentiles(
@@ -328,7 +301,5 @@ async def _attach_labels(conn: AsyncConnection, groups: dict[Any, StatsRow]) -> 
     hashes = [key for key in groups if key is not None]
     if not hashes:
         return
-    for row in await conn.execute(
-        select(ApiKey.api_key_hash, ApiKey.label).where(ApiKey.api_key_hash.in_(hashes))
-    ):
+    for row in await conn.execute(select(ApiKey.api_key_hash, ApiKey.label).where(ApiKey.api_key_hash.in_(hashes))):
         groups[row.api_key_hash].label = row.label

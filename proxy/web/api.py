@@ -25,6 +25,13 @@ def _filters(request: web.Request, extra: tuple[str, ...]) -> Any:
     return parse_filters(params)
 
 
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "").lower()
+    if raw not in ("", "true", "false", "1", "0", "yes", "no"):
+        raise FilterError(name, f"expected true or false, got {raw!r}")
+    return raw in ("true", "1", "yes")
+
+
 def _int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
@@ -65,14 +72,13 @@ async def completion(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     try:
         by = parse_dimension(request.query.get("by", "model"))
-        filters = _filters(request, ("by",))
+        exact = _flag(request, "exact")
+        filters = _filters(request, ("by", "exact"))
     except FilterError as exc:
         return api_error(400, exc.message, "invalid_parameter", exc.param)
     async with request.app[ENGINE].connect() as conn:
-        result = await fetch_stats(conn, by, filters)
-    return json_response(
-        {"by": result.by, "rows": [r.as_dict() for r in result.rows], "totals": result.totals.as_dict()}
-    )
+        result = await fetch_stats(conn, by, filters, exact=exact)
+    return json_response(result.as_dict())
 
 
 async def metrics(request: web.Request) -> web.Response:

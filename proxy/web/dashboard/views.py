@@ -133,6 +133,7 @@ async def overview(request: web.Request) -> web.Response:
         "totals": totals,
         "p50": totals.p50_ms if totals.p50_ms is not None else p50,
         "p95": totals.p95_ms if totals.p95_ms is not None else p95,
+        "percentiles": by_model.percentiles,
         "chart": build_chart(points, filters.since, filters.until or now, bucket),
         "tops": tops,
         **_form_context(params, None),
