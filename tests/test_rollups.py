@@ -1,4 +1,4 @@
-"""Rollups (usage_hourly, usage_daily, usage_daily_users) on SQLite and PostgreSQL: what the writer adds, what
+"""Rollups (usage_hourly and its narrower families) on SQLite and PostgreSQL: what the writer adds, what
 reprice moves and what `db rollup --rebuild` and the migration compute all equal the sums of the rows as read
 back, to the pico-USD and the histogram bucket. The histogram's own arithmetic is tested first."""
 
@@ -24,10 +24,9 @@ from proxy.store.engine import create_engine
 from proxy.store.insert import BatchWriter
 from proxy.store.migrate import upgrade
 from proxy.store.models import (
+    ROLLUP_TABLES,
     LedgerMeta,
     completions_table,
-    usage_daily_table,
-    usage_daily_users_table,
     usage_hourly_table,
 )
 from proxy.store.pricing.book import PriceBook, PriceEntry
@@ -188,9 +187,27 @@ def _bucket_column(duration: float) -> str:
     return f"h{_slow_bucket(duration):02d}"
 
 
+MODEL_DIMENSIONS = ("model", "requested_model", "api", "upstream", "provider", "outcome")
+TABLES = (  # (name, period, dimensions), the order of models.ROLLUP_TABLES
+    ("usage_hourly", "hour", DIMENSIONS),
+    ("usage_hourly_models", "hour", MODEL_DIMENSIONS),
+    ("usage_daily", "day", MODEL_DIMENSIONS),
+    ("usage_hourly_keys", "hour", ("api_key_hash",)),
+    ("usage_daily_keys", "day", ("api_key_hash",)),
+    ("usage_hourly_users", "hour", ("user",)),
+    ("usage_daily_users", "day", ("user",)),
+)
+
+
+def test_the_tables_are_the_expected_ones() -> None:
+    assert [(t.name, [c.name for c in t.primary_key.columns]) for t in ROLLUP_TABLES] == [
+        (name, [period, *dimensions, "null_dims"]) for name, period, dimensions in TABLES
+    ]
+
+
 def expected(rows: Sequence[dict[str, Any]]) -> tuple[dict[Any, dict[str, int]], ...]:
-    """The three tables' contents, computed from the rows as read back."""
-    tables: tuple[dict[Any, Counter[str]], ...] = ({}, {}, {})
+    """Every table's contents, computed from the rows as read back."""
+    tables: tuple[dict[Any, Counter[str]], ...] = tuple({} for _ in TABLES)
     for row in rows:
         hour = int(row["started_at"].timestamp()) // 3600
         assert row["started_hour"] == hour
@@ -208,11 +225,15 @@ def expected(rows: Sequence[dict[str, Any]]) -> tuple[dict[Any, dict[str, int]],
         if row["duration_ms"] is not None:
             delta["timed"] += 1
             delta[_bucket_column(row["duration_ms"])] += 1
-        keys = (
-            (hour, *values.values(), null_dims),
-            (hour // 24, *(values[name] for name in DIMENSIONS if name != "user"), null_dims & ~64),
-            (hour // 24, values["user"], null_dims & 64),
-        )
+        keys = [
+            (
+                hour if period == "hour" else hour // 24,
+                *(values[name] for name in dimensions),
+                sum(1 << i for i, name in enumerate(DIMENSIONS) if name in dimensions and row[name] is None),
+            )
+            for _, period, dimensions in TABLES
+        ]
+        assert keys[0][-1] == null_dims
         for table, key in zip(tables, keys, strict=True):
             table.setdefault(key, Counter()).update(delta)
     return tuple({key: {name: sums[name] for name in VALUES} for key, sums in table.items()} for table in tables)
@@ -226,7 +247,7 @@ async def read_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
 async def read_rollups(engine: AsyncEngine) -> tuple[dict[Any, dict[str, int]], ...]:
     found = []
     async with engine.connect() as conn:
-        for table in (usage_hourly_table, usage_daily_table, usage_daily_users_table):
+        for table in ROLLUP_TABLES:
             keys = [column.name for column in table.primary_key.columns]
             contents = {}
             for row in await conn.execute(select(table)):
@@ -240,7 +261,7 @@ async def assert_rollups_match_rows(engine: AsyncEngine) -> tuple[dict[Any, dict
     rows = await read_rows(engine)
     want = expected(rows)
     got = await read_rollups(engine)
-    for name, wanted, have in zip(("hourly", "daily", "daily_users"), want, got, strict=True):
+    for (name, _, _), wanted, have in zip(TABLES, want, got, strict=True):
         assert set(have) == set(wanted), name
         for key in wanted:
             assert have[key] == wanted[key], (name, key)
@@ -268,7 +289,7 @@ async def test_writer_rollups_equal_the_rows(engine: AsyncEngine) -> None:
     records = make_records(900)
     for start in range(0, len(records), 300):  # later batches add to the groups earlier ones created
         await write(engine, records[start : start + 300])
-    hourly, daily, users = await assert_rollups_match_rows(engine)
+    hourly, _, daily, _, _, _, users = await assert_rollups_match_rows(engine)
     assert len(hourly) > len(daily) > 10
     assert len(users) == 3 * 4
     # NULL and '' are two groups, told apart by null_dims
@@ -283,7 +304,7 @@ async def test_recorder_rollups_equal_the_rows(engine: AsyncEngine, tmp_path: Pa
         recorder.submit(record)
     await recorder.wait_idle()
     await recorder.close()
-    _, daily, _ = await assert_rollups_match_rows(engine)
+    daily = (await assert_rollups_match_rows(engine))[2]
     assert sum(sums["requests"] for sums in daily.values()) == 400
 
 
@@ -300,11 +321,11 @@ async def test_replayed_rows_are_not_counted_twice(engine: AsyncEngine) -> None:
 def test_fold_of_a_row_without_every_column() -> None:
     row = record_to_row(make_records(1)[0])
     del row["provider"]  # an older spool line
-    hourly, daily, users = fold([row])
+    hourly, *narrower = fold([row])
     (key,) = hourly
     assert key[DIMENSIONS.index("provider") + 1] == ""
     assert key[-1] & (1 << DIMENSIONS.index("provider"))
-    assert len(daily) == len(users) == 1
+    assert [len(sums) for sums in narrower] == [1] * (len(TABLES) - 1)
 
 
 # ---- reprice ----------------------------------------------------------------------------------------
@@ -327,7 +348,7 @@ async def test_reprice_keeps_rollups_equal_to_the_rows(engine: AsyncEngine) -> N
     assert dry.rows_changed > 0
     assert await read_rollups(engine) == before
     await reprice(engine, PriceBook([]), T0 - timedelta(days=1), None)  # every priced row unpriced again
-    _, daily, _ = await assert_rollups_match_rows(engine)
+    daily = (await assert_rollups_match_rows(engine))[2]
     priced_upstream = sum(1 for r in records if r.cost is not None and r.cost_source != "pricing")
     assert sum(s["priced"] for s in daily.values()) == priced_upstream
 
@@ -349,8 +370,8 @@ async def test_rebuild_gives_what_the_writer_gave(
     incremental = await assert_rollups_match_rows(engine)
     async with engine.begin() as conn:  # wrong sums, to be replaced
         await conn.execute(usage_hourly_table.update().values(requests=usage_hourly_table.c.requests + 5))
-        await conn.execute(usage_daily_table.delete())
-        await conn.execute(usage_daily_users_table.update().values(h07=99))
+        await conn.execute(ROLLUP_TABLES[2].delete())
+        await conn.execute(ROLLUP_TABLES[-1].update().values(h07=99))
     report = await _rollup_cli(capsys, database_url)
     assert report["days"] == 4  # the first day through the last, the empty days between included
     assert report["rows"] == 700
@@ -364,15 +385,14 @@ async def test_rebuild_since_and_the_prune_horizon(
     incremental = await assert_rollups_match_rows(engine)
     first_day = (int(T0.timestamp()) // 3600) // 24
     async with engine.begin() as conn:  # mark every day's rollups, to see which days a rebuild replaced
-        for table in (usage_daily_table, usage_daily_users_table):
+        for table in ROLLUP_TABLES:
             await conn.execute(table.update().values(h55=table.c.h55 + 1000))
-        await conn.execute(usage_hourly_table.update().values(h55=usage_hourly_table.c.h55 + 1000))
 
     def replaced(rollups: tuple[dict[Any, dict[str, int]], ...]) -> set[int]:
         days = set()
         for n, table in enumerate(rollups):
             for key, sums in table.items():
-                day = key[0] // 24 if n == 0 else key[0]
+                day = key[0] // 24 if TABLES[n][1] == "hour" else key[0]
                 if sums == incremental[n][key]:
                     days.add(day)
                 else:
@@ -393,9 +413,8 @@ async def test_rebuild_since_and_the_prune_horizon(
             )
         )
     async with engine.begin() as conn:
-        for table in (usage_daily_table, usage_daily_users_table):
+        for table in ROLLUP_TABLES:
             await conn.execute(table.update().values(h55=table.c.h55 + 1000))
-        await conn.execute(usage_hourly_table.update().values(h55=usage_hourly_table.c.h55 + 1000))
     report = await _rollup_cli(capsys, database_url, "--since", "2000-01-01")
     assert report["pruned_before"].startswith((T0 + timedelta(days=3)).date().isoformat())
     assert report["days"] == 1
@@ -430,7 +449,7 @@ async def test_migration_fills_rollups_from_existing_rows(database_url: str) -> 
         async with engine.begin() as conn:
             await conn.execute(insert(completions_table), rows)
         await upgrade(engine)
-        _, daily, _ = await assert_rollups_match_rows(engine)
+        daily = (await assert_rollups_match_rows(engine))[2]
         assert sum(sums["requests"] for sums in daily.values()) == 600
         async with engine.connect() as conn:
             assert (await conn.execute(select(func.count()).select_from(usage_hourly_table))).scalar_one() > 100

@@ -25,7 +25,10 @@ from proxy.store.stats import fetch_stats
 from .querydata import base_time, filter_cases, insert_rows, make_rows, percentile, within_histogram_resolution
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
-HOURLY, DAILY, USERS = "usage_hourly", "usage_daily", "usage_daily_users"
+FULL = "usage_hourly"
+HOURLY, DAILY = "usage_hourly_models", "usage_daily"
+HOURLY_USERS, USERS = "usage_hourly_users", "usage_daily_users"
+HOURLY_KEYS, KEYS = "usage_hourly_keys", "usage_daily_keys"
 
 
 # ---- planning (pure) ----------------------------------------------------------------------------
@@ -56,13 +59,27 @@ def test_a_range_within_one_hour_reads_the_rows_only() -> None:
     assert spans(Filters(since=since, until=until)) == [("rows", since, until)]
 
 
-def test_the_table_holds_every_dimension_used() -> None:
+def test_the_narrowest_family_holding_every_dimension_used() -> None:
+    assert spans(Filters(), ("day",)) == [(DAILY, None, None)]
     assert spans(Filters(), ("user",)) == [(USERS, None, None)]
     assert spans(Filters(user="u"), ("day",)) == [(USERS, None, None)]
-    assert spans(Filters(user="u"), ("model", "requested_model")) == [(HOURLY, None, None)]
-    assert spans(Filters(model="gpt-*"), ("user",)) == [(HOURLY, None, None)]
+    assert spans(Filters(), ("api_key_hash",)) == [(KEYS, None, None)]
+    assert spans(Filters(key="k"), ("hour",)) == [(HOURLY_KEYS, None, None)]
+    assert spans(Filters(outcome="ok", api="chat"), ("provider",)) == [(DAILY, None, None)]
     assert spans(Filters(), ("hour",)) == [(HOURLY, None, None)]
-    assert spans(Filters(key="k", outcome="ok", api="chat"), ("api_key_hash",)) == [(DAILY, None, None)]
+    # user or key with any other dimension: only usage_hourly holds them together
+    assert spans(Filters(user="u"), ("model", "requested_model")) == [(FULL, None, None)]
+    assert spans(Filters(model="gpt-*"), ("user",)) == [(FULL, None, None)]
+    assert spans(Filters(key="k", outcome="ok"), ("day",)) == [(FULL, None, None)]
+    since = datetime(2026, 3, 3, 12, 34, 56, tzinfo=UTC)
+    assert spans(Filters(since=since, key="k"), ("user",)) == [
+        ("rows", since, datetime(2026, 3, 3, 13, tzinfo=UTC)),
+        (FULL, datetime(2026, 3, 3, 13, tzinfo=UTC), None),
+    ]
+    assert spans(Filters(since=since), ("user",))[1:] == [
+        (HOURLY_USERS, datetime(2026, 3, 3, 13, tzinfo=UTC), datetime(2026, 3, 4, tzinfo=UTC)),
+        (USERS, datetime(2026, 3, 4, tzinfo=UTC), None),
+    ]
 
 
 def test_tags_status_and_stream_are_not_in_the_rollups() -> None:
@@ -80,7 +97,7 @@ moments = st.datetimes(min_value=datetime(2025, 1, 1), max_value=datetime(2027, 
 @given(
     since=st.none() | moments,
     until=st.none() | moments,
-    fields=st.sampled_from([("model",), ("user",), ("hour",), ("day", "api_key_hash")]),
+    fields=st.sampled_from([("model",), ("user",), ("hour",), ("day", "api_key_hash"), ("user", "model")]),
 )
 def test_spans_cover_the_range_once(since: datetime | None, until: datetime | None, fields: tuple[str, ...]) -> None:
     if since is not None and until is not None and since >= until:
@@ -98,7 +115,7 @@ def test_spans_cover_the_range_once(since: datetime | None, until: datetime | No
     for span in found:
         assert span.start is None or span.end is None or span.start < span.end
         if span.source != "rows":  # rollups only at whole hours (days for daily tables)
-            unit = timedelta(hours=1) if span.source == HOURLY else timedelta(days=1)
+            unit = timedelta(hours=1) if span.source.startswith("usage_hourly") else timedelta(days=1)
             for moment in (span.start, span.end):
                 assert moment is None or (moment - usage.EPOCH) % unit == timedelta(0)
         else:

@@ -1,8 +1,11 @@
-"""usage_hourly, usage_daily and usage_daily_users: per-group sums and duration histograms, filled from the rows
+"""the rollup tables: per-group sums and duration histograms per hour and per day, filled from the rows
 
-Each table holds one row per period and group with its requests, errors, tokens, cost (an integer of
-pico-USD) and a 56-bucket histogram of durations. Dimensions hold '' for NULL; null_dims has bit i set when
-dimension i (model, requested_model, api, upstream, provider, api_key_hash, user, outcome) was NULL. The
+usage_hourly holds every dimension (model, requested_model, api, upstream, provider, api_key_hash, user,
+outcome). Narrower families answer most queries from far fewer rows: usage_hourly_models and usage_daily
+(the model dimensions: model, requested_model, api, upstream, provider, outcome), usage_hourly_keys and
+usage_daily_keys (api_key_hash), usage_hourly_users and usage_daily_users (user). Each row holds its
+group's requests, errors, tokens, cost (an integer of pico-USD) and a 56-bucket histogram of durations.
+Dimensions hold '' for NULL; null_dims has bit i set when dimension i of the full list was NULL. The
 existing rows are summed into them here; the writer keeps them current from then on.
 
 Revision ID: 0006
@@ -21,7 +24,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 DIMENSIONS = ("model", "requested_model", "api", "upstream", "provider", "api_key_hash", "user", "outcome")
-USER_BIT = 64
+MODEL_DIMENSIONS = ("model", "requested_model", "api", "upstream", "provider", "outcome")
+NARROW = (  # (table, period, dimensions): the families of narrower tables, summed from usage_hourly
+    ("usage_hourly_models", "hour", MODEL_DIMENSIONS),
+    ("usage_daily", "day", MODEL_DIMENSIONS),
+    ("usage_hourly_keys", "hour", ("api_key_hash",)),
+    ("usage_daily_keys", "day", ("api_key_hash",)),
+    ("usage_hourly_users", "hour", ("user",)),
+    ("usage_daily_users", "day", ("user",)),
+)
 TOKENS = (
     "prompt_tokens",
     "completion_tokens",
@@ -105,27 +116,25 @@ def _hourly_sql(dialect: str) -> str:
     )
 
 
-def _from_hourly_sql(table: str, dimensions: Sequence[str], null_dims: str) -> str:
-    keys = ", ".join(["hour / 24", *map(_q, dimensions), null_dims])
-    columns = ", ".join(map(_q, ("day", *dimensions, "null_dims", *VALUES)))
+def _from_hourly_sql(table: str, period: str, dimensions: Sequence[str]) -> str:
+    mask = sum(1 << DIMENSIONS.index(name) for name in dimensions)
+    keys = ", ".join(["hour" if period == "hour" else "hour / 24", *map(_q, dimensions), f"null_dims & {mask}"])
+    columns = ", ".join(map(_q, (period, *dimensions, "null_dims", *VALUES)))
     sums = ", ".join(f"SUM({_q(name)})" for name in VALUES)
     return f"INSERT INTO {table} ({columns}) SELECT {keys}, {sums} FROM usage_hourly GROUP BY {keys}"
 
 
 def upgrade() -> None:
     _create("usage_hourly", "hour", DIMENSIONS)
-    _create("usage_daily", "day", [name for name in DIMENSIONS if name != "user"])
-    _create("usage_daily_users", "day", ["user"])
+    for name, period, dimensions in NARROW:
+        _create(name, period, dimensions)
     bind = op.get_bind()
     bind.execute(sa.text(_hourly_sql(bind.dialect.name)), BOUND_PARAMS)
-    daily_dimensions = [name for name in DIMENSIONS if name != "user"]
-    bind.execute(
-        sa.text(_from_hourly_sql("usage_daily", daily_dimensions, f"null_dims - (null_dims & {USER_BIT})"))
-    )
-    bind.execute(sa.text(_from_hourly_sql("usage_daily_users", ["user"], f"null_dims & {USER_BIT}")))
+    for name, period, dimensions in NARROW:
+        bind.execute(sa.text(_from_hourly_sql(name, period, dimensions)))
 
 
 def downgrade() -> None:
-    op.drop_table("usage_daily_users")
-    op.drop_table("usage_daily")
+    for name, _, _ in reversed(NARROW):
+        op.drop_table(name)
     op.drop_table("usage_hourly")

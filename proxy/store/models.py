@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .histogram import BUCKET_COLUMNS
-from .rollups import DAILY_DIMENSIONS, DIMENSIONS, MEASURES
+from .rollups import MEASURES, ROLLUP_SPECS
 from .types import Money, UTCDateTime
 
 NAMING_CONVENTION = {
@@ -173,10 +173,12 @@ def _rollup_table(name: str, period: str, dimensions: tuple[str, ...]) -> Table:
 
 
 # Sums per hour (hours since the Unix epoch, UTC, as completions.started_hour) and per day (days since the
-# epoch); per day without `user`, whose many values would multiply the rows, and per day and user apart.
-usage_hourly_table = _rollup_table("usage_hourly", "hour", DIMENSIONS)
-usage_daily_table = _rollup_table("usage_daily", "day", DAILY_DIMENSIONS)
-usage_daily_users_table = _rollup_table("usage_daily_users", "day", ("user",))
+# epoch): usage_hourly with every dimension, and narrower families (rollups.ROLLUP_TABLES) that answer most
+# queries from far fewer rows.
+ROLLUP_TABLES: tuple[Table, ...] = tuple(
+    _rollup_table(spec.name, spec.period, spec.dimensions) for spec in ROLLUP_SPECS
+)
+usage_hourly_table = ROLLUP_TABLES[0]
 
 completions_table = Completion.__table__
 choices_table = CompletionChoice.__table__

@@ -2,7 +2,7 @@
 
 usage_hourly is summed from `completions` (per row, the duration's histogram bucket is a CASE over the
 bounds of histogram.py, bound as parameters so the database compares with the very doubles the writer
-bisects); usage_daily and usage_daily_users are then summed from that day's usage_hourly rows. Days before
+bisects); the narrower tables are then summed from that day's usage_hourly rows. Days before
 the ledger's prune horizon (ledger_meta 'pruned_before') are never touched: their rows are gone and the
 rollups are all that is left of them.
 """
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .histogram import LOWER_BOUNDS
 from .models import LedgerMeta, completions_table, usage_hourly_table
-from .rollups import DAILY_DIMENSIONS, DIMENSIONS, USER_BIT, VALUES
+from .rollups import DIMENSIONS, ROLLUP_SPECS, VALUES, RollupSpec
 
 PRUNED_BEFORE = "pruned_before"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -90,24 +90,16 @@ def hourly_sql(dialect: str) -> str:
     )
 
 
-def _from_hourly(table: str, dimensions: tuple[str, ...], null_dims: str) -> str:
-    keys = ", ".join(["hour / 24", *map(_q, dimensions), null_dims])
-    columns = ", ".join(map(_q, ("day", *dimensions, "null_dims", *VALUES)))
+def from_hourly_sql(spec: RollupSpec) -> str:
+    """INSERT into a narrower rollup table the sums of usage_hourly's rows with :low <= hour < :high."""
+    period = "hour" if spec.period == "hour" else "hour / 24"
+    keys = ", ".join([period, *map(_q, spec.dimensions), f"null_dims & {spec.mask}"])
+    columns = ", ".join(map(_q, (spec.period, *spec.dimensions, "null_dims", *VALUES)))
     sums = ", ".join(f"SUM({_q(name)})" for name in VALUES)
     return (
-        f"INSERT INTO {table} ({columns}) SELECT {keys}, {sums} FROM usage_hourly "
+        f"INSERT INTO {spec.name} ({columns}) SELECT {keys}, {sums} FROM usage_hourly "
         f"WHERE hour >= :low AND hour < :high GROUP BY {keys}"
     )
-
-
-def daily_sql() -> str:
-    """INSERT into usage_daily the sums of usage_hourly's rows with :low <= hour < :high."""
-    return _from_hourly("usage_daily", DAILY_DIMENSIONS, f"null_dims - (null_dims & {USER_BIT})")
-
-
-def daily_users_sql() -> str:
-    """INSERT into usage_daily_users the sums of usage_hourly's rows with :low <= hour < :high."""
-    return _from_hourly("usage_daily_users", ("user",), f"null_dims & {USER_BIT}")
 
 
 BOUND_PARAMS = {f"b{i}": bound for i, bound in enumerate(LOWER_BOUNDS, start=1)}
@@ -150,16 +142,17 @@ async def rebuild_day(conn: AsyncConnection, day: int) -> int:
         await conn.exec_driver_sql("SET LOCAL jit = off")  # compiling these wide aggregates costs more than it saves
         # writers add to these tables after inserting their rows: holding them off until this day's sums are
         # in means a row committed meanwhile is either in the sums read here or added after them, never both
-        await conn.exec_driver_sql(
-            "LOCK TABLE usage_hourly, usage_daily, usage_daily_users IN SHARE ROW EXCLUSIVE MODE"
-        )
+        names = ", ".join(spec.name for spec in ROLLUP_SPECS)
+        await conn.exec_driver_sql(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE")
     window = {"low": day * 24, "high": day * 24 + 24}
-    await conn.execute(text("DELETE FROM usage_hourly WHERE hour >= :low AND hour < :high"), window)
-    await conn.execute(text("DELETE FROM usage_daily WHERE day = :day"), {"day": day})
-    await conn.execute(text("DELETE FROM usage_daily_users WHERE day = :day"), {"day": day})
+    for spec in ROLLUP_SPECS:
+        if spec.period == "hour":
+            await conn.execute(text(f"DELETE FROM {spec.name} WHERE hour >= :low AND hour < :high"), window)
+        else:
+            await conn.execute(text(f"DELETE FROM {spec.name} WHERE day = :day"), {"day": day})
     await conn.execute(text(hourly_sql(dialect)), {**window, **BOUND_PARAMS})
-    await conn.execute(text(daily_sql()), window)
-    await conn.execute(text(daily_users_sql()), window)
+    for spec in ROLLUP_SPECS[1:]:
+        await conn.execute(text(from_hourly_sql(spec)), window)
     rows = (
         await conn.execute(
             select(func.coalesce(func.sum(usage_hourly_table.c.requests), 0)).where(

@@ -18,10 +18,10 @@ from sqlalchemy import BigInteger, Integer, Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeEngine
 
-from .models import usage_daily_table, usage_daily_users_table, usage_hourly_table
+from .models import ROLLUP_TABLES
 from .rollups import VALUES, Sums
 
-TABLES: tuple[Table, Table, Table] = (usage_hourly_table, usage_daily_table, usage_daily_users_table)
+TABLES: tuple[Table, ...] = ROLLUP_TABLES  # in rollups.ROLLUP_SPECS order, as fold() returns their sums
 # groups per SQLite statement: 100 x 77 columns stays under the 32766 variables of SQLite >= 3.32 (999 before)
 CHUNK_ROWS = (100, 10, 1) if sqlite3.sqlite_version_info >= (3, 32) else (10, 1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from itertools import repeat
@@ -28,8 +29,50 @@ DIMENSIONS: tuple[str, ...] = (
     "user",
     "outcome",
 )
-USER_BIT = 1 << DIMENSIONS.index("user")
-DAILY_DIMENSIONS: tuple[str, ...] = tuple(name for name in DIMENSIONS if name != "user")
+MODEL_DIMENSIONS: tuple[str, ...] = ("model", "requested_model", "api", "upstream", "provider", "outcome")
+
+
+@dataclass(frozen=True, slots=True)
+class RollupSpec:
+    """A rollup table: its period ("hour" or "day") and the dimensions it keeps (a subset of DIMENSIONS)."""
+
+    name: str
+    period: str
+    dimensions: tuple[str, ...]
+
+    @property
+    def mask(self) -> int:
+        """The null_dims bits of its dimensions."""
+        return sum(1 << DIMENSIONS.index(name) for name in self.dimensions)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """Rollup tables that keep the same dimensions: one per hour and, except the widest, one per day."""
+
+    hourly: str
+    daily: str | None
+    dimensions: tuple[str, ...]
+
+
+# Narrowest first: a query reads the first family holding every dimension it groups or filters by. A table
+# with fewer dimensions has fewer rows: the user and key dimensions multiply the groups of the others.
+FAMILIES: tuple[Family, ...] = (
+    Family("usage_hourly_models", "usage_daily", MODEL_DIMENSIONS),
+    Family("usage_hourly_keys", "usage_daily_keys", ("api_key_hash",)),
+    Family("usage_hourly_users", "usage_daily_users", ("user",)),
+    Family("usage_hourly", None, DIMENSIONS),
+)
+# usage_hourly first: the others are sums of it (the writer's fold and the rebuild compute them so)
+ROLLUP_SPECS: tuple[RollupSpec, ...] = (
+    RollupSpec("usage_hourly", "hour", DIMENSIONS),
+    *(
+        RollupSpec(name, period, family.dimensions)
+        for family in FAMILIES[:-1]
+        for name, period in ((family.hourly, "hour"), (family.daily, "day"))
+        if name is not None
+    ),
+)
 TOKENS: tuple[str, ...] = (
     "prompt_tokens",
     "completion_tokens",
@@ -51,7 +94,6 @@ _ONE = Decimal(1)
 _HOUR_AND_DIMENSIONS = itemgetter("started_hour", *DIMENSIONS)
 _row_measures = itemgetter(*TOKENS, "cost", "duration_ms")
 _OK = "ok"
-_USER = DIMENSIONS.index("user")
 
 
 def pico_usd(cost: Decimal | float | int) -> int:
@@ -117,15 +159,18 @@ def _add(into: Sums, key: Key, sums: list[int]) -> None:
         found[:] = map(add, found, sums)
 
 
-def _by_day(hourly: Sums) -> tuple[Sums, Sums]:
-    """(daily, daily_users) sums of hourly sums."""
-    daily: Sums = {}
-    users: Sums = {}
-    for key, sums in hourly.items():
-        day, null_dims = key[0] // 24, key[-1]
-        _add(daily, (day, *key[1 : 1 + _USER], *key[2 + _USER : -1], null_dims & ~USER_BIT), sums)
-        _add(users, (day, key[1 + _USER], null_dims & USER_BIT), sums)
-    return daily, users
+def _narrower(hourly: Sums) -> list[Sums]:
+    """The sums of every table after usage_hourly (ROLLUP_SPECS order), from usage_hourly's."""
+    found: list[Sums] = []
+    for spec in ROLLUP_SPECS[1:]:
+        positions = [1 + DIMENSIONS.index(name) for name in spec.dimensions]
+        daily = spec.period == "day"
+        sums: Sums = {}
+        for key, values in hourly.items():
+            period = key[0] // 24 if daily else key[0]
+            _add(sums, (period, *(key[i] for i in positions), key[-1] & spec.mask), values)
+        found.append(sums)
+    return found
 
 
 def _fold(keys: list[Key], rows: Sequence[Any], measures: Callable[[Any], tuple[Any, ...]]) -> tuple[Sums, ...]:
@@ -137,15 +182,15 @@ def _fold(keys: list[Key], rows: Sequence[Any], measures: Callable[[Any], tuple[
             hourly[_key(raw_key)] = _sums(raw_key, group, measures)
     except (TypeError, ValueError, ArithmeticError) as exc:  # a bad spooled value: the batch is refused
         raise ValueError(f"rollups: {type(exc).__name__}: {exc}") from exc
-    return hourly, *_by_day(hourly)
+    return hourly, *_narrower(hourly)
 
 
 def fold(rows: Sequence[dict[str, Any]]) -> tuple[Sums, ...]:
-    """(hourly, daily, daily_users) sums of the rows (dicts of column values with started_hour), each a dict
-    key -> accumulator (VALUES order).
+    """The sums of the rows (dicts of column values with started_hour) for each table of ROLLUP_SPECS, each a
+    dict key -> accumulator (VALUES order).
 
-    Keys: hourly (hour, *DIMENSIONS, null_dims); daily (day, *DAILY_DIMENSIONS, null_dims without the user
-    bit); daily_users (day, user, null_dims with only the user bit). Days are hours // 24."""
+    Keys: (hour or day, the table's dimensions, null_dims with the bits of those dimensions); days are
+    hours // 24."""
     try:
         keys = list(map(_HOUR_AND_DIMENSIONS, rows))
     except KeyError:  # a row without every column (an older spool line): the missing ones are NULL
@@ -175,7 +220,7 @@ _COST = VALUES.index("cost_pusd")
 
 
 def cost_changes(changes: Iterable[tuple[Any, Decimal | None, Decimal | None]]) -> tuple[Sums, ...]:
-    """What re-pricing rows changes in the rollups: (hourly, daily, daily_users) sums of `priced` and
+    """What re-pricing rows changes in the rollups: each table's sums of `priced` and
     `cost_pusd` differences, from (row with started_hour and the dimensions, old cost, new cost) triples."""
     hourly: Sums = {}
     for row, before, after in changes:
@@ -184,4 +229,4 @@ def cost_changes(changes: Iterable[tuple[Any, Decimal | None, Decimal | None]]) 
         delta[_COST] = (pico_usd(after) if after is not None else 0) - (pico_usd(before) if before is not None else 0)
         if (delta[_PRICED] or delta[_COST]) and row.started_hour is not None:  # else: written around the writer
             _add(hourly, _key((row.started_hour, *(getattr(row, name) for name in DIMENSIONS))), delta)
-    return hourly, *_by_day(hourly)
+    return hourly, *_narrower(hourly)

@@ -2,8 +2,8 @@
 
 A time range is cut into spans: whole days come from a daily table, whole hours from `usage_hourly`,
 and what is left at either end (less than an hour) from the rows, so a range such as "the last 7 days"
-reads a few thousand rollup rows instead of every call. Which table: the narrowest one that holds every
-dimension the query groups or filters by (`usage_daily` has no user; `usage_daily_users` only the user).
+reads a few thousand rollup rows instead of every call. Which tables: those of the narrowest family
+(rollups.FAMILIES) that holds every dimension the query groups or filters by.
 Tags, status codes and the stream flag are not rollup dimensions: such queries read the rows.
 
 Every span yields the same measures, summed exactly (costs as integer pico-USD) and a duration
@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import histogram
 from .filters import Filters, key_matches, model_matches, where_clauses
-from .models import completions_table, usage_daily_table, usage_daily_users_table, usage_hourly_table
-from .rollups import DIMENSIONS
+from .models import ROLLUP_TABLES, completions_table
+from .rollups import DIMENSIONS, FAMILIES
 from .types import Money
 
 c = completions_table.c
@@ -113,27 +113,27 @@ def _ceil(moment: datetime, unit: timedelta) -> datetime:
     return floor if floor == moment else floor + unit
 
 
-def daily_table(filters: Filters, fields: Sequence[str]) -> str | None:
-    """The daily table that holds every dimension used, or None (only usage_hourly does)."""
-    if "hour" in fields:
-        return None
+def dimensions_used(filters: Filters, fields: Sequence[str]) -> set[str]:
     used = {name for name in fields if name in DIMENSIONS}
-    used |= {
-        name
-        for name, value in (
-            ("model", filters.model),
-            ("user", filters.user),
-            ("api_key_hash", filters.key),
-            ("outcome", filters.outcome),
-            ("api", filters.api),
-        )
-        if value is not None
-    }
-    if filters.model is not None:
-        used.add("requested_model")
-    if "user" not in used:
-        return usage_daily_table.name
-    return usage_daily_users_table.name if used == {"user"} else None
+    for name, value in (
+        ("model", filters.model),
+        ("requested_model", filters.model),
+        ("user", filters.user),
+        ("api_key_hash", filters.key),
+        ("outcome", filters.outcome),
+        ("api", filters.api),
+    ):
+        if value is not None:
+            used.add(name)
+    return used
+
+
+def tables_for(filters: Filters, fields: Sequence[str]) -> tuple[str, str | None]:
+    """(hourly, daily) rollup tables of the narrowest family that holds every dimension used; daily is None
+    when only hours will do (grouped by hour, or no daily table holds those dimensions)."""
+    used = dimensions_used(filters, fields)
+    family = next(family for family in FAMILIES if used <= set(family.dimensions))
+    return family.hourly, None if "hour" in fields else family.daily
 
 
 def plan(filters: Filters, fields: Sequence[str]) -> list[Span]:
@@ -152,8 +152,7 @@ def plan(filters: Filters, fields: Sequence[str]) -> list[Span]:
         end = edge
     if start is not None and end is not None and start >= end:
         return spans
-    daily = daily_table(filters, fields)
-    hourly = usage_hourly_table.name
+    hourly, daily = tables_for(filters, fields)
     if daily is None:
         return [*spans, Span(hourly, start, end)]
     day_start = _ceil(start, DAY) if start is not None else None
@@ -168,7 +167,7 @@ def plan(filters: Filters, fields: Sequence[str]) -> list[Span]:
     return spans
 
 
-_TABLES = {table.name: table for table in (usage_hourly_table, usage_daily_table, usage_daily_users_table)}
+_TABLES = {table.name: table for table in ROLLUP_TABLES}
 
 
 def _units(moment: datetime, unit: timedelta) -> int:
