@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 import pytest
@@ -24,6 +24,7 @@ from proxy.store.filters import Filters
 from proxy.store.series import OTHER, fetch_series
 from proxy.web.auth import SESSION_COOKIE, SESSION_SECONDS, AdminAuth, host_is_loopback
 from proxy.web.dashboard.login_throttle import MAX_FAILURES, WINDOW_SECONDS, LoginThrottle
+from proxy.web.dashboard import views
 from proxy.web.dashboard.render import money
 
 from .conftest import Ledger, make_config, start_ledger
@@ -119,19 +120,24 @@ async def test_overview_totals_match_the_rows(seeded: Any) -> None:
     bars = re.findall(r'<rect class="s(\d)" x="[\d.]+" y="[\d.]+" width="[\d.]+" height="([\d.]+)"><title>', page)
     days_models = {(r["started_at"].date(), r["model"] or r["requested_model"]) for r in rows if r["cost"]}
     assert len(bars) == len(days_models)
-    assert 'href="/_ledger/requests?since=7d&amp;model=gpt-4o-2024-08-06"' in page
+    # the 7-day period is today and the six UTC days before: its links carry that start
+    start = quote(views.period_start("7d", datetime.now(UTC)).isoformat(), safe="")
+    assert start.startswith(((datetime.now(UTC) - timedelta(days=6)).date().isoformat()))
+    assert f'href="/_ledger/requests?since={start}&amp;model=gpt-4o-2024-08-06"' in page
     # every top list is there, keys by their labels, each cell a link to the list filtered by it
     for label in KEY_LABELS.values():
         assert f">{label}</a>" in page
-    assert 'href="/_ledger/requests?since=7d&amp;user=user-1"' in page
-    assert 'href="/_ledger/requests?since=7d&amp;tag=team%3Dt1"' in page
+    assert f'href="/_ledger/requests?since={start}&amp;user=user-1"' in page
+    assert f'href="/_ledger/requests?since={start}&amp;tag=team%3Dt1"' in page
 
 
 async def test_overview_period_narrows_the_totals(seeded: Any) -> None:
     ledger, rows, _, now = seeded
     status, page, _ = await fetch(ledger, "/_ledger/?since=24h")
     assert status == 200
-    recent = [r for r in rows if r["started_at"] >= now - timedelta(hours=24)]
+    start = views.period_start("24h", datetime.now(UTC))  # this hour and the 23 before it
+    assert start == datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
+    recent = [r for r in rows if r["started_at"] >= start]
     assert 0 < len(recent) < len(rows)
     assert by_id(page, "total-requests") == str(len(recent))
     assert "per hour" in page  # a period of a day is drawn by the hour

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -95,16 +95,28 @@ def _top(rows: list[StatsRow], total: StatsRow, dimension: str) -> list[dict[str
     return out
 
 
+def period_start(period: str, now: datetime) -> datetime:
+    """Where a period link starts: "7d" is today and the six UTC days before it, "24h" this hour and the 23
+    before it. Whole days and hours are read from the rollups alone, and the chart's buckets are whole."""
+    count, unit = int(period[:-1]), timedelta(days=1) if period.endswith("d") else timedelta(hours=1)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return epoch + ((now - epoch) // unit - (count - 1)) * unit
+
+
 async def overview(request: web.Request) -> web.Response:
     params = filter_params(request.query.items())
+    now = datetime.now(UTC)
     if not any(name in ("since", "until") for name, _ in params):
         params = (("since", DEFAULT_PERIOD), *params)
+    period = dict(params).get("since") if len(params) == 1 else None
+    if period in PERIODS:
+        start = period_start(period, now).isoformat()
+        params = tuple((name, start if name == "since" else value) for name, value in params)
     try:
         filters = _parse(params)
     except FilterError as exc:
         return await _bad_filter(request, "overview.html", params, exc, {"periods": PERIODS, "period": None})
     engine = request.app[ENGINE]
-    now = datetime.now(UTC)
     bucket = bucket_for(filters.since, filters.until, now)
     async with request.app[SLOTS]:
         by_model, by_key, by_user, by_tag, by_upstream, points, (p50, p95) = await asyncio.gather(
@@ -127,7 +139,7 @@ async def overview(request: web.Request) -> web.Response:
     context = {
         "title": "Overview",
         "periods": PERIODS,
-        "period": dict(params).get("since") if len(params) == 1 else None,
+        "period": period,
         "since": filters.since,
         "until": filters.until or now,
         "totals": totals,
