@@ -23,8 +23,8 @@ from proxy.store import histogram
 from proxy.store.filters import Filters
 from proxy.store.series import OTHER, fetch_series
 from proxy.web.auth import SESSION_COOKIE, SESSION_SECONDS, AdminAuth, host_is_loopback
-from proxy.web.dashboard.login_throttle import MAX_FAILURES, WINDOW_SECONDS, LoginThrottle
 from proxy.web.dashboard import views
+from proxy.web.dashboard.login_throttle import MAX_FAILURES, WINDOW_SECONDS, LoginThrottle
 from proxy.web.dashboard.render import money
 
 from .conftest import Ledger, make_config, start_ledger
@@ -122,7 +122,7 @@ async def test_overview_totals_match_the_rows(seeded: Any) -> None:
     assert len(bars) == len(days_models)
     # the 7-day period is today and the six UTC days before: its links carry that start
     start = quote(views.period_start("7d", datetime.now(UTC)).isoformat(), safe="")
-    assert start.startswith(((datetime.now(UTC) - timedelta(days=6)).date().isoformat()))
+    assert start.startswith((datetime.now(UTC) - timedelta(days=6)).date().isoformat())
     assert f'href="/_ledger/requests?since={start}&amp;model=gpt-4o-2024-08-06"' in page
     # every top list is there, keys by their labels, each cell a link to the list filtered by it
     for label in KEY_LABELS.values():
@@ -132,7 +132,7 @@ async def test_overview_totals_match_the_rows(seeded: Any) -> None:
 
 
 async def test_overview_period_narrows_the_totals(seeded: Any) -> None:
-    ledger, rows, _, now = seeded
+    ledger, rows, _, _ = seeded
     status, page, _ = await fetch(ledger, "/_ledger/?since=24h")
     assert status == 200
     start = views.period_start("24h", datetime.now(UTC))  # this hour and the 23 before it

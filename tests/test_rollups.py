@@ -25,6 +25,7 @@ from proxy.store.insert import BatchWriter
 from proxy.store.migrate import upgrade
 from proxy.store.models import (
     ROLLUP_TABLES,
+    TAG_TABLES,
     LedgerMeta,
     completions_table,
     usage_hourly_table,
@@ -177,6 +178,7 @@ def make_records(count: int, seed: int = 1, start: datetime = T0) -> list[Comple
                 ]
             ),
             cost_source="upstream",
+            tags=rng.choice([None, {}, {"team": "search"}, {"team": "ads", "env": "prod"}, {"env": ""}]),
             choices=[ChoiceRecord(0, "stop", None, "assistant")],
         )
         records.append(record)
@@ -208,6 +210,7 @@ def test_the_tables_are_the_expected_ones() -> None:
 def expected(rows: Sequence[dict[str, Any]]) -> tuple[dict[Any, dict[str, int]], ...]:
     """Every table's contents, computed from the rows as read back."""
     tables: tuple[dict[Any, Counter[str]], ...] = tuple({} for _ in TABLES)
+    tag_tables: tuple[dict[Any, Counter[str]], ...] = ({}, {})  # usage_hourly_tags, usage_daily_tags
     for row in rows:
         hour = int(row["started_at"].timestamp()) // 3600
         assert row["started_hour"] == hour
@@ -236,7 +239,12 @@ def expected(rows: Sequence[dict[str, Any]]) -> tuple[dict[Any, dict[str, int]],
         assert keys[0][-1] == null_dims
         for table, key in zip(tables, keys, strict=True):
             table.setdefault(key, Counter()).update(delta)
-    return tuple({key: {name: sums[name] for name in VALUES} for key, sums in table.items()} for table in tables)
+        for name, value in (row["tags"] or {"": ""}).items():  # each tag pair; no tags: ('', '')
+            tag_tables[0].setdefault((hour, name, value), Counter()).update(delta)
+            tag_tables[1].setdefault((hour // 24, name, value), Counter()).update(delta)
+    return tuple(
+        {key: {name: sums[name] for name in VALUES} for key, sums in table.items()} for table in (*tables, *tag_tables)
+    )
 
 
 async def read_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
@@ -247,7 +255,7 @@ async def read_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
 async def read_rollups(engine: AsyncEngine) -> tuple[dict[Any, dict[str, int]], ...]:
     found = []
     async with engine.connect() as conn:
-        for table in ROLLUP_TABLES:
+        for table in (*ROLLUP_TABLES, *TAG_TABLES):
             keys = [column.name for column in table.primary_key.columns]
             contents = {}
             for row in await conn.execute(select(table)):
@@ -261,7 +269,8 @@ async def assert_rollups_match_rows(engine: AsyncEngine) -> tuple[dict[Any, dict
     rows = await read_rows(engine)
     want = expected(rows)
     got = await read_rollups(engine)
-    for (name, _, _), wanted, have in zip(TABLES, want, got, strict=True):
+    names = [name for name, _, _ in TABLES] + ["usage_hourly_tags", "usage_daily_tags"]
+    for name, wanted, have in zip(names, want, got, strict=True):
         assert set(have) == set(wanted), name
         for key in wanted:
             assert have[key] == wanted[key], (name, key)
@@ -289,7 +298,7 @@ async def test_writer_rollups_equal_the_rows(engine: AsyncEngine) -> None:
     records = make_records(900)
     for start in range(0, len(records), 300):  # later batches add to the groups earlier ones created
         await write(engine, records[start : start + 300])
-    hourly, _, daily, _, _, _, users = await assert_rollups_match_rows(engine)
+    hourly, _, daily, _, _, _, users, *_ = await assert_rollups_match_rows(engine)
     assert len(hourly) > len(daily) > 10
     assert len(users) == 3 * 4
     # NULL and '' are two groups, told apart by null_dims
@@ -385,14 +394,15 @@ async def test_rebuild_since_and_the_prune_horizon(
     incremental = await assert_rollups_match_rows(engine)
     first_day = (int(T0.timestamp()) // 3600) // 24
     async with engine.begin() as conn:  # mark every day's rollups, to see which days a rebuild replaced
-        for table in ROLLUP_TABLES:
+        for table in (*ROLLUP_TABLES, *TAG_TABLES):
             await conn.execute(table.update().values(h55=table.c.h55 + 1000))
 
     def replaced(rollups: tuple[dict[Any, dict[str, int]], ...]) -> set[int]:
         days = set()
         for n, table in enumerate(rollups):
             for key, sums in table.items():
-                day = key[0] // 24 if TABLES[n][1] == "hour" else key[0]
+                periods = [period for _, period, _ in TABLES] + ["hour", "day"]  # then the tag tables
+                day = key[0] // 24 if periods[n] == "hour" else key[0]
                 if sums == incremental[n][key]:
                     days.add(day)
                 else:
@@ -413,7 +423,7 @@ async def test_rebuild_since_and_the_prune_horizon(
             )
         )
     async with engine.begin() as conn:
-        for table in ROLLUP_TABLES:
+        for table in (*ROLLUP_TABLES, *TAG_TABLES):
             await conn.execute(table.update().values(h55=table.c.h55 + 1000))
     report = await _rollup_cli(capsys, database_url, "--since", "2000-01-01")
     assert report["pruned_before"].startswith((T0 + timedelta(days=3)).date().isoformat())

@@ -3,8 +3,10 @@
 usage_hourly holds every dimension (model, requested_model, api, upstream, provider, api_key_hash, user,
 outcome). Narrower families answer most queries from far fewer rows: usage_hourly_models and usage_daily
 (the model dimensions: model, requested_model, api, upstream, provider, outcome), usage_hourly_keys and
-usage_daily_keys (api_key_hash), usage_hourly_users and usage_daily_users (user). Each row holds its
-group's requests, errors, tokens, cost (an integer of pico-USD) and a 56-bucket histogram of durations.
+usage_daily_keys (api_key_hash), usage_hourly_users and usage_daily_users (user); usage_hourly_tags and
+usage_daily_tags count each call under each of its tag pairs (tag, value), a call without tags under
+('', ''). Each row holds its group's requests, errors, tokens, cost (an integer of pico-USD) and a
+56-bucket histogram of durations.
 Dimensions hold '' for NULL; null_dims has bit i set when dimension i of the full list was NULL. The
 existing rows are summed into them here; the writer keeps them current from then on.
 
@@ -54,16 +56,17 @@ def _q(name: str) -> str:
     return f'"{name}"'
 
 
-def _create(name: str, period: str, dimensions: Sequence[str]) -> None:
+def _create(name: str, period: str, dimensions: Sequence[str], *, null_dims: bool = True) -> None:
     zero = sa.text("0")
+    keys = [period, *dimensions, *(["null_dims"] if null_dims else [])]
     op.create_table(
         name,
         sa.Column(period, sa.Integer(), nullable=False),
         *(sa.Column(dimension, sa.Text(), nullable=False) for dimension in dimensions),
-        sa.Column("null_dims", sa.Integer(), nullable=False),
+        *([sa.Column("null_dims", sa.Integer(), nullable=False)] if null_dims else []),
         *(sa.Column(measure, sa.BigInteger(), nullable=False, server_default=zero) for measure in MEASURES),
         *(sa.Column(bucket, sa.Integer(), nullable=False, server_default=zero) for bucket in BUCKET_COLUMNS),
-        sa.PrimaryKeyConstraint(period, *dimensions, "null_dims", name=op.f(f"pk_{name}")),
+        sa.PrimaryKeyConstraint(*keys, name=op.f(f"pk_{name}")),
     )
 
 
@@ -77,8 +80,7 @@ def _bucket_case(low: int, high: int) -> str:
     )
 
 
-def _hourly_sql(dialect: str) -> str:
-    dims = ", ".join(map(_q, DIMENSIONS))
+def _measures(dialect: str) -> tuple[str, str]:
     if dialect == "sqlite":
         pico = "CAST(ROUND(cost * 1000000000000.0) AS INTEGER)"
     else:
@@ -103,6 +105,12 @@ def _hourly_sql(dialect: str) -> str:
             *(f"SUM(CASE WHEN b = {i} THEN timed ELSE 0 END)" for i in range(BUCKETS)),
         ]
     )
+    return inner, outer
+
+
+def _hourly_sql(dialect: str) -> str:
+    dims = ", ".join(map(_q, DIMENSIONS))
+    inner, outer = _measures(dialect)
     empty_for_null = ", ".join(f"COALESCE({_q(name)}, '')" for name in DIMENSIONS)
     null_dims = " + ".join(
         f"CASE WHEN {_q(name)} IS NULL THEN {1 << i} ELSE 0 END" for i, name in enumerate(DIMENSIONS)
@@ -113,6 +121,24 @@ def _hourly_sql(dialect: str) -> str:
         f"SELECT started_hour, {dims}, {_bucket_case(0, BUCKETS - 1)} AS b, {inner} "
         f"FROM completions WHERE started_hour IS NOT NULL GROUP BY started_hour, {dims}, b) AS g "
         f"GROUP BY started_hour, {dims}"
+    )
+
+
+def _hourly_tags_sql(dialect: str) -> str:
+    """Each row under each of its tag pairs; a row without tags under ('', '')."""
+    inner, outer = _measures(dialect)
+    if dialect == "sqlite":
+        pairs = "LEFT JOIN json_each(CASE WHEN json_type(tags) = 'object' THEN tags END) AS t"
+    else:
+        pairs = "LEFT JOIN LATERAL json_each_text(CASE WHEN json_typeof(tags) = 'object' THEN tags END) AS t ON true"
+    columns = ", ".join(map(_q, ("hour", "tag", "value", *VALUES)))
+    return (
+        f"INSERT INTO usage_hourly_tags ({columns}) SELECT started_hour, tag, value, {outer} FROM ("
+        f"SELECT started_hour, COALESCE(t.key, '') AS tag, COALESCE(t.value, '') AS value, outcome, "
+        f"{_bucket_case(0, BUCKETS - 1)} AS b, {inner} "
+        f"FROM completions {pairs} WHERE started_hour IS NOT NULL "
+        f"GROUP BY started_hour, tag, value, outcome, b) AS g "
+        f"GROUP BY started_hour, tag, value"
     )
 
 
@@ -128,13 +154,25 @@ def upgrade() -> None:
     _create("usage_hourly", "hour", DIMENSIONS)
     for name, period, dimensions in NARROW:
         _create(name, period, dimensions)
+    _create("usage_hourly_tags", "hour", ("tag", "value"), null_dims=False)
+    _create("usage_daily_tags", "day", ("tag", "value"), null_dims=False)
     bind = op.get_bind()
     bind.execute(sa.text(_hourly_sql(bind.dialect.name)), BOUND_PARAMS)
     for name, period, dimensions in NARROW:
         bind.execute(sa.text(_from_hourly_sql(name, period, dimensions)))
+    bind.execute(sa.text(_hourly_tags_sql(bind.dialect.name)), BOUND_PARAMS)
+    sums = ", ".join(f"SUM({_q(name)})" for name in VALUES)
+    bind.execute(
+        sa.text(
+            f"INSERT INTO usage_daily_tags ({', '.join(map(_q, ('day', 'tag', 'value', *VALUES)))}) "
+            f"SELECT hour / 24, tag, value, {sums} FROM usage_hourly_tags GROUP BY hour / 24, tag, value"
+        )
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("usage_daily_tags")
+    op.drop_table("usage_hourly_tags")
     for name, _, _ in reversed(NARROW):
         op.drop_table(name)
     op.drop_table("usage_hourly")

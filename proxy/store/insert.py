@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import rollup_write
 from .models import choices_table, completions_table
-from .rollups import fold_values
+from .rollups import fold_tags, fold_values
 from .rows import CHOICE_COLUMNS, COLUMNS, driver_converters
 
 _column_values = operator.itemgetter(*COLUMNS)
@@ -122,7 +122,7 @@ class BatchWriter:
         if skip_existing:
             rows = await _new_rows(conn, rows)
         completions, choices = self.params(rows)
-        folded = fold_values(completions, COLUMNS)
+        folded = (*fold_values(completions, COLUMNS), *fold_tags(rows))
         if self._columnar:
             if completions:
                 # SQLAlchemy's asyncpg adapter opens its transaction on the first statement it runs; a

@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .histogram import BUCKET_COLUMNS
-from .rollups import MEASURES, ROLLUP_SPECS
+from .rollups import MEASURES, ROLLUP_SPECS, TAG_SPECS
 from .types import Money, UTCDateTime
 
 NAMING_CONVENTION = {
@@ -154,7 +154,7 @@ class LedgerMeta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-def _rollup_table(name: str, period: str, dimensions: tuple[str, ...]) -> Table:
+def _rollup_table(name: str, period: str, dimensions: tuple[str, ...], *, null_dims: bool = True) -> Table:
     """A rollup table: one row per (period, dimension values, null_dims) with its sums and duration histogram.
 
     Dimensions hold '' where the rows' value is NULL, and `null_dims` has bit i set when DIMENSIONS[i]
@@ -166,7 +166,7 @@ def _rollup_table(name: str, period: str, dimensions: tuple[str, ...]) -> Table:
         Base.metadata,
         Column(period, Integer, primary_key=True),
         *(Column(dimension, Text, primary_key=True) for dimension in dimensions),
-        Column("null_dims", Integer, primary_key=True),
+        *([Column("null_dims", Integer, primary_key=True)] if null_dims else []),
         *(Column(measure, BigInteger, nullable=False, server_default=zero) for measure in MEASURES),
         *(Column(bucket, Integer, nullable=False, server_default=zero) for bucket in BUCKET_COLUMNS),
     )
@@ -179,6 +179,11 @@ ROLLUP_TABLES: tuple[Table, ...] = tuple(
     _rollup_table(spec.name, spec.period, spec.dimensions) for spec in ROLLUP_SPECS
 )
 usage_hourly_table = ROLLUP_TABLES[0]
+# per tag pair: (hour or day, tag, value); a call counts under each of its pairs, one without tags under
+# ('', '') (rollups.NO_TAGS)
+TAG_TABLES: tuple[Table, ...] = tuple(
+    _rollup_table(spec.name, spec.period, spec.dimensions, null_dims=False) for spec in TAG_SPECS
+)
 
 completions_table = Completion.__table__
 choices_table = CompletionChoice.__table__

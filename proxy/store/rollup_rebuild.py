@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .histogram import LOWER_BOUNDS
 from .models import LedgerMeta, completions_table, usage_hourly_table
-from .rollups import DIMENSIONS, ROLLUP_SPECS, VALUES, RollupSpec
+from .rollups import DIMENSIONS, ROLLUP_SPECS, TAG_SPECS, VALUES, RollupSpec
 
 PRUNED_BEFORE = "pruned_before"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -50,9 +50,9 @@ def _null_dims(dimensions: tuple[str, ...]) -> str:
     )
 
 
-def hourly_sql(dialect: str) -> str:
-    """INSERT into usage_hourly the sums of the rows with :low <= started_hour < :high."""
-    dims = ", ".join(map(_q, DIMENSIONS))
+def _measures(dialect: str) -> tuple[str, str]:
+    """(inner, outer) select lists: the inner one sums rows per group and duration bucket `b`, the outer one
+    those sums per group, with the histogram pivoted into h00..h55."""
     tokens = [name for name in VALUES if name.endswith("_tokens")]
     if dialect == "sqlite":
         pico = "CAST(ROUND(cost * 1000000000000.0) AS INTEGER)"
@@ -78,6 +78,13 @@ def hourly_sql(dialect: str) -> str:
             *(f"SUM(CASE WHEN b = {i} THEN timed ELSE 0 END)" for i in range(len(LOWER_BOUNDS) + 1)),
         ]
     )
+    return inner, outer
+
+
+def hourly_sql(dialect: str) -> str:
+    """INSERT into usage_hourly the sums of the rows with :low <= started_hour < :high."""
+    dims = ", ".join(map(_q, DIMENSIONS))
+    inner, outer = _measures(dialect)
     columns = ", ".join(map(_q, ("hour", *DIMENSIONS, "null_dims", *VALUES)))
     return (
         f"INSERT INTO usage_hourly ({columns}) "
@@ -88,6 +95,32 @@ def hourly_sql(dialect: str) -> str:
         f"GROUP BY started_hour, {dims}, b) AS g "
         f"GROUP BY started_hour, {dims}"
     )
+
+
+def hourly_tags_sql(dialect: str) -> str:
+    """INSERT into usage_hourly_tags the sums of the rows with :low <= started_hour < :high, each row under
+    each of its tag pairs, a row without tags under ('', '') as the writer counts them (rollups.fold_tags)."""
+    inner, outer = _measures(dialect)
+    if dialect == "sqlite":
+        pairs = "LEFT JOIN json_each(CASE WHEN json_type(tags) = 'object' THEN tags END) AS t"
+    else:
+        pairs = "LEFT JOIN LATERAL json_each_text(CASE WHEN json_typeof(tags) = 'object' THEN tags END) AS t ON true"
+    columns = ", ".join(map(_q, ("hour", "tag", "value", *VALUES)))
+    return (
+        f"INSERT INTO usage_hourly_tags ({columns}) SELECT started_hour, tag, value, {outer} FROM ("
+        f"SELECT started_hour, COALESCE(t.key, '') AS tag, COALESCE(t.value, '') AS value, outcome, "
+        f"{_bucket_case(0, len(LOWER_BOUNDS))} AS b, {inner} "
+        f"FROM completions {pairs} WHERE started_hour >= :low AND started_hour < :high "
+        f"GROUP BY started_hour, tag, value, outcome, b) AS g "
+        f"GROUP BY started_hour, tag, value"
+    )
+
+
+DAILY_TAGS_SQL = (
+    f"INSERT INTO usage_daily_tags ({', '.join(map(_q, ('day', 'tag', 'value', *VALUES)))}) "
+    f"SELECT hour / 24, tag, value, {', '.join(f'SUM({_q(name)})' for name in VALUES)} FROM usage_hourly_tags "
+    "WHERE hour >= :low AND hour < :high GROUP BY hour / 24, tag, value"
+)
 
 
 def from_hourly_sql(spec: RollupSpec) -> str:
@@ -142,10 +175,10 @@ async def rebuild_day(conn: AsyncConnection, day: int) -> int:
         await conn.exec_driver_sql("SET LOCAL jit = off")  # compiling these wide aggregates costs more than it saves
         # writers add to these tables after inserting their rows: holding them off until this day's sums are
         # in means a row committed meanwhile is either in the sums read here or added after them, never both
-        names = ", ".join(spec.name for spec in ROLLUP_SPECS)
+        names = ", ".join(spec.name for spec in (*ROLLUP_SPECS, *TAG_SPECS))
         await conn.exec_driver_sql(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE")
     window = {"low": day * 24, "high": day * 24 + 24}
-    for spec in ROLLUP_SPECS:
+    for spec in (*ROLLUP_SPECS, *TAG_SPECS):
         if spec.period == "hour":
             await conn.execute(text(f"DELETE FROM {spec.name} WHERE hour >= :low AND hour < :high"), window)
         else:
@@ -153,6 +186,8 @@ async def rebuild_day(conn: AsyncConnection, day: int) -> int:
     await conn.execute(text(hourly_sql(dialect)), {**window, **BOUND_PARAMS})
     for spec in ROLLUP_SPECS[1:]:
         await conn.execute(text(from_hourly_sql(spec)), window)
+    await conn.execute(text(hourly_tags_sql(dialect)), {**window, **BOUND_PARAMS})
+    await conn.execute(text(DAILY_TAGS_SQL), window)
     rows = (
         await conn.execute(
             select(func.coalesce(func.sum(usage_hourly_table.c.requests), 0)).where(

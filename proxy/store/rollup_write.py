@@ -18,10 +18,11 @@ from sqlalchemy import BigInteger, Integer, Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeEngine
 
-from .models import ROLLUP_TABLES
+from .models import ROLLUP_TABLES, TAG_TABLES
 from .rollups import VALUES, Sums
 
-TABLES: tuple[Table, ...] = ROLLUP_TABLES  # in rollups.ROLLUP_SPECS order, as fold() returns their sums
+# rollups.ROLLUP_SPECS then TAG_SPECS: the order of fold()'s sums, then fold_tags()'
+TABLES: tuple[Table, ...] = (*ROLLUP_TABLES, *TAG_TABLES)
 # groups per SQLite statement: 100 x 77 columns stays under the 32766 variables of SQLite >= 3.32 (999 before)
 CHUNK_ROWS = (100, 10, 1) if sqlite3.sqlite_version_info >= (3, 32) else (10, 1)
 

@@ -214,19 +214,70 @@ def fold_values(values: Sequence[tuple[Any, ...]], columns: tuple[str, ...]) -> 
     return _fold(list(map(keys_of, values)), values, measures)
 
 
+TAG_DIMENSIONS: tuple[str, ...] = ("tag", "value")
+# a call without tags is counted under this pair (tag names are never empty), so by-tag stats can show it
+NO_TAGS = ("", "")
+TAG_SPECS: tuple[RollupSpec, ...] = (
+    RollupSpec("usage_hourly_tags", "hour", TAG_DIMENSIONS),
+    RollupSpec("usage_daily_tags", "day", TAG_DIMENSIONS),
+)
+_TAG_MEASURES = (*TOKENS, "cost", "duration_ms")
+
+
+def _tag_measures(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(map(row.get, _TAG_MEASURES))
+
+
+def _tag_pairs(tags: Any) -> Iterable[tuple[str, str]]:
+    if isinstance(tags, dict) and tags:
+        return ((str(name), str(value)) for name, value in tags.items())
+    return (NO_TAGS,)
+
+
+def fold_tags(rows: Sequence[dict[str, Any]]) -> tuple[Sums, Sums]:
+    """(usage_hourly_tags, usage_daily_tags) sums of the rows: each call counts once under each of its tag
+    pairs (a call with two tags in both), a call without tags under NO_TAGS. Keys: (hour or day, tag, value)."""
+    keys: list[Key] = []
+    members: list[dict[str, Any]] = []
+    for row in rows:
+        hour = row.get("started_hour")
+        if hour is None:
+            continue
+        for name, value in _tag_pairs(row.get("tags")):
+            keys.append((hour, name, value, row.get("outcome")))  # outcome last: _sums counts errors by it
+            members.append(row)
+    hourly: Sums = {}
+    daily: Sums = {}
+    try:
+        for raw_key, group in _group(keys, members).items():
+            sums = _sums(raw_key, group, _tag_measures)
+            hour, name, value, _ = raw_key
+            _add(hourly, (hour, name, value), sums)
+            _add(daily, (hour // 24, name, value), sums)
+    except (TypeError, ValueError, ArithmeticError) as exc:  # a bad spooled value: the batch is refused
+        raise ValueError(f"rollups: {type(exc).__name__}: {exc}") from exc
+    return hourly, daily
+
+
 _COST_ONLY = [0] * len(VALUES)
 _PRICED = VALUES.index("priced")
 _COST = VALUES.index("cost_pusd")
 
 
 def cost_changes(changes: Iterable[tuple[Any, Decimal | None, Decimal | None]]) -> tuple[Sums, ...]:
-    """What re-pricing rows changes in the rollups: each table's sums of `priced` and
-    `cost_pusd` differences, from (row with started_hour and the dimensions, old cost, new cost) triples."""
+    """What re-pricing rows changes in the rollups: each table's sums of `priced` and `cost_pusd`
+    differences (ROLLUP_SPECS, then TAG_SPECS), from (row with started_hour, the dimensions and tags, old
+    cost, new cost) triples."""
     hourly: Sums = {}
+    tags_hourly: Sums = {}
+    tags_daily: Sums = {}
     for row, before, after in changes:
         delta = list(_COST_ONLY)
         delta[_PRICED] = (after is not None) - (before is not None)
         delta[_COST] = (pico_usd(after) if after is not None else 0) - (pico_usd(before) if before is not None else 0)
         if (delta[_PRICED] or delta[_COST]) and row.started_hour is not None:  # else: written around the writer
             _add(hourly, _key((row.started_hour, *(getattr(row, name) for name in DIMENSIONS))), delta)
-    return hourly, *_narrower(hourly)
+            for name, value in _tag_pairs(row.tags):
+                _add(tags_hourly, (row.started_hour, name, value), delta)
+                _add(tags_daily, (row.started_hour // 24, name, value), delta)
+    return hourly, *_narrower(hourly), tags_hourly, tags_daily

@@ -29,6 +29,7 @@ REPRICE_COLUMNS = (
     "id",
     "started_hour",
     *DIMENSIONS,
+    "tags",
     "started_at",
     "prompt_tokens",
     "completion_tokens",
