@@ -18,7 +18,6 @@ from typing import Any
 from sqlalchemy import (
     Integer,
     and_,
-    case,
     cast,
     func,
     literal_column,
@@ -156,12 +155,7 @@ def _group(by: str, dialect: str) -> tuple[Any, Any]:
         return (column.concat("") if dialect == "sqlite" else column), table
     if by.startswith("tag:"):
         return c.tags[by[4:]].as_string(), table
-    if dialect == "sqlite":  # by == "tag": one group per key=value pair
-        pairs = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued("key", "value")
-        pairs = pairs.alias("tag_pairs")
-        return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
-    pairs = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued("key", "value")
-    pairs = pairs.lateral("tag_pairs")
+    pairs = usage.tag_pairs(dialect)  # by == "tag": one group per key=value pair
     return pairs.c.key + "=" + pairs.c.value, table.outerjoin(pairs, true())
 
 
@@ -176,7 +170,14 @@ def _percentile(values: Mapping[int, float], count: int, p: float) -> float | No
     return lower + (h - low) * (upper - lower)
 
 
+_ELSEWHERE = object()  # a tag table's group that another tag's grouping does not show
+
+
 def _rollup_key(by: str, values: tuple[Any, ...]) -> Any:
+    if by == "tag":  # ('', '') counts the calls without tags
+        return f"{values[0]}={values[1]}" if values[0] else None
+    if by.startswith("tag:"):
+        return values[1] if values[0] == by[4:] else _ELSEWHERE
     if by == "model":
         return values[0] if values[0] is not None else values[1]
     if by == "day":
@@ -197,16 +198,32 @@ def _from_aggregate(key: Any, found: usage.Aggregate) -> StatsRow:
     return row
 
 
+def _rollup_fields(by: str) -> tuple[str, ...]:
+    return usage.TAG_FIELDS if by.startswith("tag") else ROLLUP_FIELDS[by]
+
+
 async def _rollup_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats:
     merged: dict[Any, usage.Aggregate] = {}
-    for values, found in (await usage.aggregate(conn, filters, ROLLUP_FIELDS[by])).items():
-        merged.setdefault(_rollup_key(by, values), usage.Aggregate()).merge(found)
+    found_groups = await usage.aggregate(conn, filters, _rollup_fields(by))
+    everything = usage.Aggregate()
+    if by.startswith("tag"):  # a call counts under each of its tags: the totals count it once
+        for found in (await usage.aggregate(conn, filters, ())).values():
+            everything.merge(found)
+    for values, found in found_groups.items():
+        key = _rollup_key(by, values)
+        if key is not _ELSEWHERE:
+            merged.setdefault(key, usage.Aggregate()).merge(found)
+    if by.startswith("tag:"):  # calls without this tag: all calls but those with it
+        tagged = usage.Aggregate()
+        for found in merged.values():
+            tagged.merge(found)
+        merged[None] = everything.without(tagged)
+    elif not by.startswith("tag"):
+        for found in merged.values():
+            everything.merge(found)
     groups = {key: _from_aggregate(key, found) for key, found in merged.items() if found.requests}
     if by == "key":
         await _attach_labels(conn, groups)
-    everything = usage.Aggregate()
-    for found in merged.values():
-        everything.merge(found)
     rows = sorted(groups.values(), key=_order)
     return Stats(by, rows, _from_aggregate("total", everything), histogram.RESOLUTION)
 
@@ -219,7 +236,7 @@ async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters, *, exact
     """Per-group sums, from the rollups where they can answer (percentiles from histograms), else, or with
     `exact`, from the rows (exact percentiles)."""
     by = parse_dimension(by)
-    if not exact and by in ROLLUP_FIELDS and usage.answerable(filters, ROLLUP_FIELDS[by]):
+    if not exact and usage.answerable(filters, _rollup_fields(by)):
         return await _rollup_stats(conn, by, filters)
     dialect = conn.dialect.name
     where = where_clauses(filters, dialect)

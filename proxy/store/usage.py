@@ -20,17 +20,18 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, case, func, literal, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import histogram
 from .filters import Filters, key_matches, model_matches, where_clauses
-from .models import ROLLUP_TABLES, completions_table
-from .rollups import DIMENSIONS, FAMILIES
+from .models import ROLLUP_TABLES, TAG_TABLES, completions_table
+from .rollups import DIMENSIONS, FAMILIES, TAG_SPECS
 from .types import Money
 
 c = completions_table.c
 TIME_FIELDS = ("day", "hour")
+TAG_FIELDS = ("tag", "value")  # the tag tables' dimensions
 MEASURES = (
     "requests",
     "errors",
@@ -73,6 +74,14 @@ class Aggregate:
         self.cost_pusd += other.cost_pusd
         self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
 
+    def without(self, other: Aggregate) -> Aggregate:
+        """What is left of these sums once `other` (a part of them) is taken out."""
+        left = Aggregate(cost_pusd=self.cost_pusd - other.cost_pusd)
+        for name in MEASURES:
+            setattr(left, name, getattr(self, name) - getattr(other, name))
+        left.histogram = [a - b for a, b in zip(self.histogram, other.histogram, strict=True)]
+        return left
+
     @property
     def cost(self) -> Decimal | None:
         """None when no row of the group has a cost, as SQL's SUM gives."""
@@ -86,13 +95,13 @@ class Aggregate:
 
 
 def answerable(filters: Filters, fields: Sequence[str]) -> bool:
-    """Whether the rollups hold every dimension these filters and groups need."""
-    return (
-        not filters.tags
-        and filters.status is None
-        and filters.stream is None
-        and set(fields) <= {*DIMENSIONS, *TIME_FIELDS}
-    )
+    """Whether the rollups hold every dimension these filters and groups need. The tag tables hold no other
+    dimension: grouped by tag, only the time range may filter."""
+    if filters.tags or filters.status is not None or filters.stream is not None:
+        return False
+    if "tag" in fields:
+        return set(fields) <= {*TAG_FIELDS, *TIME_FIELDS} and not dimensions_used(filters, ())
+    return set(fields) <= {*DIMENSIONS, *TIME_FIELDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +140,8 @@ def dimensions_used(filters: Filters, fields: Sequence[str]) -> set[str]:
 def tables_for(filters: Filters, fields: Sequence[str]) -> tuple[str, str | None]:
     """(hourly, daily) rollup tables of the narrowest family that holds every dimension used; daily is None
     when only hours will do (grouped by hour, or no daily table holds those dimensions)."""
+    if "tag" in fields:
+        return TAG_SPECS[0].name, None if "hour" in fields else TAG_SPECS[1].name
     used = dimensions_used(filters, fields)
     family = next(family for family in FAMILIES if used <= set(family.dimensions))
     return family.hourly, None if "hour" in fields else family.daily
@@ -167,7 +178,7 @@ def plan(filters: Filters, fields: Sequence[str]) -> list[Span]:
     return spans
 
 
-_TABLES = {table.name: table for table in ROLLUP_TABLES}
+_TABLES = {table.name: table for table in (*ROLLUP_TABLES, *TAG_TABLES)}
 
 
 def _units(moment: datetime, unit: timedelta) -> int:
@@ -212,8 +223,8 @@ def _rollup_query(table: Any, filters: Filters, fields: Sequence[str], dialect: 
             groups.append((t.hour // 24 if "hour" in t else t.day).label(name))
         else:
             groups.append(t[name].label(name))
-            mask |= _BIT[name]
-    nulls = t.null_dims.op("&")(mask).label("nulls")
+            mask |= _BIT.get(name, 0)
+    nulls = (t.null_dims.op("&")(mask) if "null_dims" in t else literal(0)).label("nulls")
     measures = [func.sum(t[name]).label(name) for name in (*MEASURES, "cost_pusd", *histogram.BUCKET_COLUMNS)]
     query = select(*groups, nulls, *measures).where(*_rollup_where(table, filters, dialect, span))
     return query.group_by(*groups, nulls)
@@ -222,11 +233,17 @@ def _rollup_query(table: Any, filters: Filters, fields: Sequence[str], dialect: 
 def _rows_query(filters: Filters, fields: Sequence[str], dialect: str, span: Span) -> Any:
     """The rows of a short span, grouped like a rollup table plus the duration bucket."""
     groups: list[Any] = []
+    source: Any = completions_table
+    pairs = tag_pairs(dialect) if "tag" in fields else None
+    if pairs is not None:
+        source = source.outerjoin(pairs, true())
     for name in fields:
         if name == "hour":
             groups.append(c.started_hour.label(name))
         elif name == "day":
             groups.append((c.started_hour // 24).label(name))
+        elif pairs is not None and name in TAG_FIELDS:  # as the writer counts: no tags is ('', '')
+            groups.append(func.coalesce(pairs.c.key if name == "tag" else pairs.c.value, "").label(name))
         else:
             groups.append(c[name].label(name))
     bucket = histogram_bucket(c.duration_ms).label("bucket")
@@ -239,8 +256,17 @@ def _rows_query(filters: Filters, fields: Sequence[str], dialect: str, span: Spa
         func.sum(c.cost, type_=Money()).label("cost"),
     ]
     narrowed = dataclasses.replace(filters, since=span.start, until=span.end)
-    query = select(*groups, bucket, *measures).where(*where_clauses(narrowed, dialect))
+    query = select(*groups, bucket, *measures).select_from(source).where(*where_clauses(narrowed, dialect))
     return query.group_by(*groups, bucket)
+
+
+def tag_pairs(dialect: str) -> Any:
+    """A row's tag pairs as a joinable table (key, value); none for a row without tags."""
+    if dialect == "sqlite":
+        each = func.json_each(case((func.json_type(c.tags) == "object", c.tags))).table_valued("key", "value")
+        return each.alias("tag_pairs")
+    each = func.json_each_text(case((func.json_typeof(c.tags) == "object", c.tags))).table_valued("key", "value")
+    return each.lateral("tag_pairs")
 
 
 def histogram_bucket(duration: Any) -> Any:
