@@ -25,8 +25,11 @@ TABLES = {
     "api_keys",
     "ledger_meta",
     "usage_hourly",
-    "usage_daily",
-    "usage_daily_users",
+    *(
+        f"usage_{period}_{family}"
+        for family in ("totals", "models", "keys", "routes", "users", "tags")
+        for period in ("hourly", "daily")
+    ),
 }
 
 

@@ -192,10 +192,14 @@ def _bucket_column(duration: float) -> str:
 MODEL_DIMENSIONS = ("model", "requested_model", "api", "upstream", "provider", "outcome")
 TABLES = (  # (name, period, dimensions), the order of models.ROLLUP_TABLES
     ("usage_hourly", "hour", DIMENSIONS),
-    ("usage_hourly_models", "hour", MODEL_DIMENSIONS),
-    ("usage_daily", "day", MODEL_DIMENSIONS),
+    ("usage_hourly_totals", "hour", ()),
+    ("usage_daily_totals", "day", ()),
+    ("usage_hourly_models", "hour", ("model", "requested_model")),
+    ("usage_daily_models", "day", ("model", "requested_model")),
     ("usage_hourly_keys", "hour", ("api_key_hash",)),
     ("usage_daily_keys", "day", ("api_key_hash",)),
+    ("usage_hourly_routes", "hour", MODEL_DIMENSIONS),
+    ("usage_daily_routes", "day", MODEL_DIMENSIONS),
     ("usage_hourly_users", "hour", ("user",)),
     ("usage_daily_users", "day", ("user",)),
 )
@@ -298,7 +302,8 @@ async def test_writer_rollups_equal_the_rows(engine: AsyncEngine) -> None:
     records = make_records(900)
     for start in range(0, len(records), 300):  # later batches add to the groups earlier ones created
         await write(engine, records[start : start + 300])
-    hourly, _, daily, _, _, _, users, *_ = await assert_rollups_match_rows(engine)
+    found = dict(zip([name for name, _, _ in TABLES], await assert_rollups_match_rows(engine), strict=False))
+    hourly, daily, users = found["usage_hourly"], found["usage_daily_routes"], found["usage_daily_users"]
     assert len(hourly) > len(daily) > 10
     assert len(users) == 3 * 4
     # NULL and '' are two groups, told apart by null_dims
@@ -313,7 +318,7 @@ async def test_recorder_rollups_equal_the_rows(engine: AsyncEngine, tmp_path: Pa
         recorder.submit(record)
     await recorder.wait_idle()
     await recorder.close()
-    daily = (await assert_rollups_match_rows(engine))[2]
+    daily = (await assert_rollups_match_rows(engine))[8]
     assert sum(sums["requests"] for sums in daily.values()) == 400
 
 
@@ -357,7 +362,7 @@ async def test_reprice_keeps_rollups_equal_to_the_rows(engine: AsyncEngine) -> N
     assert dry.rows_changed > 0
     assert await read_rollups(engine) == before
     await reprice(engine, PriceBook([]), T0 - timedelta(days=1), None)  # every priced row unpriced again
-    daily = (await assert_rollups_match_rows(engine))[2]
+    daily = (await assert_rollups_match_rows(engine))[8]
     priced_upstream = sum(1 for r in records if r.cost is not None and r.cost_source != "pricing")
     assert sum(s["priced"] for s in daily.values()) == priced_upstream
 
@@ -379,7 +384,7 @@ async def test_rebuild_gives_what_the_writer_gave(
     incremental = await assert_rollups_match_rows(engine)
     async with engine.begin() as conn:  # wrong sums, to be replaced
         await conn.execute(usage_hourly_table.update().values(requests=usage_hourly_table.c.requests + 5))
-        await conn.execute(ROLLUP_TABLES[2].delete())
+        await conn.execute(ROLLUP_TABLES[8].delete())
         await conn.execute(ROLLUP_TABLES[-1].update().values(h07=99))
     report = await _rollup_cli(capsys, database_url)
     assert report["days"] == 4  # the first day through the last, the empty days between included
@@ -459,7 +464,7 @@ async def test_migration_fills_rollups_from_existing_rows(database_url: str) -> 
         async with engine.begin() as conn:
             await conn.execute(insert(completions_table), rows)
         await upgrade(engine)
-        daily = (await assert_rollups_match_rows(engine))[2]
+        daily = (await assert_rollups_match_rows(engine))[8]
         assert sum(sums["requests"] for sums in daily.values()) == 600
         async with engine.connect() as conn:
             assert (await conn.execute(select(func.count()).select_from(usage_hourly_table))).scalar_one() > 100

@@ -26,7 +26,9 @@ from .querydata import base_time, filter_cases, insert_rows, make_rows, percenti
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 FULL = "usage_hourly"
-HOURLY, DAILY = "usage_hourly_models", "usage_daily"
+HOURLY, DAILY = "usage_hourly_models", "usage_daily_models"
+HOURLY_TOTALS, TOTALS = "usage_hourly_totals", "usage_daily_totals"
+ROUTES = "usage_daily_routes"
 HOURLY_USERS, USERS = "usage_hourly_users", "usage_daily_users"
 HOURLY_KEYS, KEYS = "usage_hourly_keys", "usage_daily_keys"
 
@@ -60,13 +62,15 @@ def test_a_range_within_one_hour_reads_the_rows_only() -> None:
 
 
 def test_the_narrowest_family_holding_every_dimension_used() -> None:
-    assert spans(Filters(), ("day",)) == [(DAILY, None, None)]
+    assert spans(Filters(), ("day",)) == [(TOTALS, None, None)]
+    assert spans(Filters(), ("hour",)) == [(HOURLY_TOTALS, None, None)]
+    assert spans(Filters(model="gpt-*"), ("day",)) == [(DAILY, None, None)]
     assert spans(Filters(), ("user",)) == [(USERS, None, None)]
     assert spans(Filters(user="u"), ("day",)) == [(USERS, None, None)]
     assert spans(Filters(), ("api_key_hash",)) == [(KEYS, None, None)]
     assert spans(Filters(key="k"), ("hour",)) == [(HOURLY_KEYS, None, None)]
-    assert spans(Filters(outcome="ok", api="chat"), ("provider",)) == [(DAILY, None, None)]
-    assert spans(Filters(), ("hour",)) == [(HOURLY, None, None)]
+    assert spans(Filters(outcome="ok", api="chat"), ("provider",)) == [(ROUTES, None, None)]
+    assert spans(Filters(), ("hour", "model", "requested_model")) == [(HOURLY, None, None)]
     # user or key with any other dimension: only usage_hourly holds them together
     assert spans(Filters(user="u"), ("model", "requested_model")) == [(FULL, None, None)]
     assert spans(Filters(model="gpt-*"), ("user",)) == [(FULL, None, None)]

@@ -1,9 +1,9 @@
 """the rollup tables: per-group sums and duration histograms per hour and per day, filled from the rows
 
 usage_hourly holds every dimension (model, requested_model, api, upstream, provider, api_key_hash, user,
-outcome). Narrower families answer most queries from far fewer rows: usage_hourly_models and usage_daily
-(the model dimensions: model, requested_model, api, upstream, provider, outcome), usage_hourly_keys and
-usage_daily_keys (api_key_hash), usage_hourly_users and usage_daily_users (user); usage_hourly_tags and
+outcome). Narrower families, each a table per hour and one per day, answer most queries from far fewer
+rows: _totals (no dimension), _models (model, requested_model), _keys (api_key_hash), _routes (model,
+requested_model, api, upstream, provider, outcome) and _users (user); usage_hourly_tags and
 usage_daily_tags count each call under each of its tag pairs (tag, value), a call without tags under
 ('', ''). Each row holds its group's requests, errors, tokens, cost (an integer of pico-USD) and a
 56-bucket histogram of durations.
@@ -28,10 +28,14 @@ depends_on: str | Sequence[str] | None = None
 DIMENSIONS = ("model", "requested_model", "api", "upstream", "provider", "api_key_hash", "user", "outcome")
 MODEL_DIMENSIONS = ("model", "requested_model", "api", "upstream", "provider", "outcome")
 NARROW = (  # (table, period, dimensions): the families of narrower tables, summed from usage_hourly
-    ("usage_hourly_models", "hour", MODEL_DIMENSIONS),
-    ("usage_daily", "day", MODEL_DIMENSIONS),
+    ("usage_hourly_totals", "hour", ()),
+    ("usage_daily_totals", "day", ()),
+    ("usage_hourly_models", "hour", ("model", "requested_model")),
+    ("usage_daily_models", "day", ("model", "requested_model")),
     ("usage_hourly_keys", "hour", ("api_key_hash",)),
     ("usage_daily_keys", "day", ("api_key_hash",)),
+    ("usage_hourly_routes", "hour", MODEL_DIMENSIONS),
+    ("usage_daily_routes", "day", MODEL_DIMENSIONS),
     ("usage_hourly_users", "hour", ("user",)),
     ("usage_daily_users", "day", ("user",)),
 )
@@ -143,11 +147,13 @@ def _hourly_tags_sql(dialect: str) -> str:
 
 
 def _from_hourly_sql(table: str, period: str, dimensions: Sequence[str]) -> str:
+    """A family's hourly table from usage_hourly; its daily table from its hourly one."""
     mask = sum(1 << DIMENSIONS.index(name) for name in dimensions)
     keys = ", ".join(["hour" if period == "hour" else "hour / 24", *map(_q, dimensions), f"null_dims & {mask}"])
     columns = ", ".join(map(_q, (period, *dimensions, "null_dims", *VALUES)))
     sums = ", ".join(f"SUM({_q(name)})" for name in VALUES)
-    return f"INSERT INTO {table} ({columns}) SELECT {keys}, {sums} FROM usage_hourly GROUP BY {keys}"
+    source = "usage_hourly" if period == "hour" else table.replace("usage_daily", "usage_hourly")
+    return f"INSERT INTO {table} ({columns}) SELECT {keys}, {sums} FROM {source} GROUP BY {keys}"
 
 
 def upgrade() -> None:

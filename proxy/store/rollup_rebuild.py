@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .histogram import LOWER_BOUNDS
 from .models import LedgerMeta, completions_table, usage_hourly_table
-from .rollups import DIMENSIONS, ROLLUP_SPECS, TAG_SPECS, VALUES, RollupSpec
+from .rollups import DIMENSIONS, ROLLUP_SPECS, SOURCES, TAG_SPECS, VALUES, RollupSpec
 
 PRUNED_BEFORE = "pruned_before"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -124,13 +124,14 @@ DAILY_TAGS_SQL = (
 
 
 def from_hourly_sql(spec: RollupSpec) -> str:
-    """INSERT into a narrower rollup table the sums of usage_hourly's rows with :low <= hour < :high."""
+    """INSERT into a narrower rollup table the sums of its source's rows (rollups.SOURCES: usage_hourly, or
+    the family's hourly table for a daily one) with :low <= hour < :high."""
     period = "hour" if spec.period == "hour" else "hour / 24"
     keys = ", ".join([period, *map(_q, spec.dimensions), f"null_dims & {spec.mask}"])
     columns = ", ".join(map(_q, (spec.period, *spec.dimensions, "null_dims", *VALUES)))
     sums = ", ".join(f"SUM({_q(name)})" for name in VALUES)
     return (
-        f"INSERT INTO {spec.name} ({columns}) SELECT {keys}, {sums} FROM usage_hourly "
+        f"INSERT INTO {spec.name} ({columns}) SELECT {keys}, {sums} FROM {SOURCES[spec.name]} "
         f"WHERE hour >= :low AND hour < :high GROUP BY {keys}"
     )
 

@@ -58,8 +58,10 @@ class Family:
 # Narrowest first: a query reads the first family holding every dimension it groups or filters by. A table
 # with fewer dimensions has fewer rows: the user and key dimensions multiply the groups of the others.
 FAMILIES: tuple[Family, ...] = (
-    Family("usage_hourly_models", "usage_daily", MODEL_DIMENSIONS),
+    Family("usage_hourly_totals", "usage_daily_totals", ()),
+    Family("usage_hourly_models", "usage_daily_models", ("model", "requested_model")),
     Family("usage_hourly_keys", "usage_daily_keys", ("api_key_hash",)),
+    Family("usage_hourly_routes", "usage_daily_routes", MODEL_DIMENSIONS),
     Family("usage_hourly_users", "usage_daily_users", ("user",)),
     Family("usage_hourly", None, DIMENSIONS),
 )
@@ -73,6 +75,13 @@ ROLLUP_SPECS: tuple[RollupSpec, ...] = (
         if name is not None
     ),
 )
+# where each table's sums come from: a family's hourly table from usage_hourly, its daily one from that
+SOURCES: dict[str, str] = {
+    name: source
+    for family in FAMILIES[:-1]
+    for name, source in ((family.hourly, "usage_hourly"), (family.daily, family.hourly))
+    if name is not None
+}
 TOKENS: tuple[str, ...] = (
     "prompt_tokens",
     "completion_tokens",
@@ -160,17 +169,23 @@ def _add(into: Sums, key: Key, sums: list[int]) -> None:
 
 
 def _narrower(hourly: Sums) -> list[Sums]:
-    """The sums of every table after usage_hourly (ROLLUP_SPECS order), from usage_hourly's."""
-    found: list[Sums] = []
+    """The sums of every table after usage_hourly (ROLLUP_SPECS order): a family's hourly table from
+    usage_hourly's sums, its daily table from its hourly one (fewer groups to go through)."""
+    found: dict[str, Sums] = {}
     for spec in ROLLUP_SPECS[1:]:
-        positions = [1 + DIMENSIONS.index(name) for name in spec.dimensions]
         daily = spec.period == "day"
+        if daily:
+            positions = list(range(1, 1 + len(spec.dimensions)))
+            source = found[SOURCES[spec.name]]
+        else:
+            positions = [1 + DIMENSIONS.index(name) for name in spec.dimensions]
+            source = hourly
         sums: Sums = {}
-        for key, values in hourly.items():
+        for key, values in source.items():
             period = key[0] // 24 if daily else key[0]
             _add(sums, (period, *(key[i] for i in positions), key[-1] & spec.mask), values)
-        found.append(sums)
-    return found
+        found[spec.name] = sums
+    return list(found.values())
 
 
 def _fold(keys: list[Key], rows: Sequence[Any], measures: Callable[[Any], tuple[Any, ...]]) -> tuple[Sums, ...]:
