@@ -37,6 +37,7 @@ from proxy.store.rollups import DIMENSIONS, VALUES, fold, pico_usd
 from proxy.store.rows import record_to_row
 from proxy.writer.recorder import BatchRecorder
 
+from .helpers import eventually
 from .querydata import run_cli
 
 # ---- histogram ----------------------------------------------------------------------------------
@@ -295,6 +296,48 @@ async def test_replayed_rows_are_not_counted_twice(engine: AsyncEngine) -> None:
     assert len(inserted) == 80
     after = await assert_rollups_match_rows(engine)
     assert sum(s["requests"] for s in after[1].values()) - sum(s["requests"] for s in before[1].values()) == 80
+
+
+async def test_a_failing_rollup_upsert_fails_the_batch_and_replay_counts_it_once(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """The rows and their sums commit together: with a rollup table gone the batch goes to the spool, none
+    of it committed; once the table is back, replay writes every row and adds it once."""
+    recorder = BatchRecorder(engine, tmp_path / "spool", batch_max=50)
+    await recorder.start()
+    records = make_records(300, seed=21)
+    for record in records[:100]:
+        recorder.submit(record)
+    await recorder.wait_idle()
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE usage_daily_users RENAME TO usage_daily_users_away")
+    for record in records[100:200]:
+        recorder.submit(record)
+    await eventually(lambda: recorder.spool.backlog()[0] > 0, state=recorder.stats)
+    assert len(await read_rows(engine)) == 100
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE usage_daily_users_away RENAME TO usage_daily_users")
+    for record in records[200:]:
+        recorder.submit(record)
+    await eventually(lambda: recorder.spool.backlog()[0] == 0 and recorder.stats().database_ok, state=recorder.stats)
+    await recorder.wait_idle()
+    await recorder.close()
+    assert recorder.rows_rejected == 0
+    _, daily, _ = await assert_rollups_match_rows(engine)
+    assert sum(sums["requests"] for sums in daily.values()) == 300
+
+
+async def test_rows_the_database_refuses_are_not_counted(engine: AsyncEngine, tmp_path: Path) -> None:
+    recorder = BatchRecorder(engine, tmp_path / "spool")
+    await recorder.start()
+    records = make_records(40, seed=23)
+    records[7].method = None  # NOT NULL: refused by every database, and with it the first try of its batch
+    for record in records:
+        recorder.submit(record)
+    await eventually(lambda: recorder.rows_rejected == 1 and recorder.rows_replayed == 39, state=recorder.stats)
+    await recorder.close()
+    _, daily, _ = await assert_rollups_match_rows(engine)
+    assert sum(sums["requests"] for sums in daily.values()) == 39
 
 
 def test_fold_of_a_row_without_every_column() -> None:
