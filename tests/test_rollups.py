@@ -4,6 +4,7 @@ back, to the pico-USD and the histogram bucket. The histogram's own arithmetic i
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections import Counter
@@ -19,7 +20,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.parse.record import ChoiceRecord, CompletionRecord
-from proxy.store import histogram
+from proxy.store import histogram, rollup_write
 from proxy.store.engine import create_engine
 from proxy.store.insert import BatchWriter
 from proxy.store.migrate import upgrade
@@ -338,6 +339,51 @@ async def test_rows_the_database_refuses_are_not_counted(engine: AsyncEngine, tm
     await recorder.close()
     _, daily, _ = await assert_rollups_match_rows(engine)
     assert sum(sums["requests"] for sums in daily.values()) == 39
+
+
+async def test_concurrent_writers_add_to_the_same_groups(database_url: str) -> None:
+    """Two writers (two engines, as two proxy instances) adding to the same groups at once, each batch
+    meeting them in the opposite order: each locks the rollup rows in key order, so neither waits for the
+    other in a cycle, and every row counts once."""
+    engines = [create_engine(database_url) for _ in range(2)]
+    try:
+        await upgrade(engines[0])
+        rng = random.Random(31)
+        records = make_records(2000, seed=31)
+        for record in records:
+            record.started_at = T0 + timedelta(minutes=rng.randint(0, 59)) - timedelta(minutes=30)
+            record.model, record.user = rng.choice(["a", "b", "c"]), rng.choice(["u1", "u2", "u3", "u4", None])
+            record.upstream, record.provider, record.api, record.outcome = "u", "p", "chat", "ok"
+
+        def order(record: CompletionRecord) -> tuple[str, str]:
+            return record.model or "", record.user or ""
+
+        async def writer(engine: AsyncEngine, part: list[CompletionRecord], reverse: bool) -> None:
+            for start in range(0, len(part), 50):
+                await write(engine, sorted(part[start : start + 50], key=order, reverse=reverse))
+
+        await asyncio.gather(
+            writer(engines[0], records[:1000], reverse=False), writer(engines[1], records[1000:], reverse=True)
+        )
+        _, daily, _ = await assert_rollups_match_rows(engines[0])
+        assert sum(sums["requests"] for sums in daily.values()) == 2000
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+def test_upserts_go_in_key_order_whatever_order_the_rows_came_in() -> None:
+    """The order writers lock rollup rows in on PostgreSQL: sorted keys, the same for every writer."""
+    rows = [record_to_row(r) for r in make_records(300, seed=37)]
+    assert list(rollup_write.sqlite_plan(fold(rows))) == list(rollup_write.sqlite_plan(fold(rows[::-1])))
+    forward = list(rollup_write.postgres_plan(fold(rows)))
+    backward = list(rollup_write.postgres_plan(fold(rows[::-1])))
+    assert len(forward) == len(backward) == 3
+    for (_, arrays), (_, reversed_arrays) in zip(forward, backward, strict=True):
+        assert arrays[:-3] == reversed_arrays[:-3]  # (the last three: each group's non-zero buckets)
+        keys = list(zip(*arrays[: -3 - len(rollup_write.MEASURES)], strict=True))
+        assert keys == sorted(keys)
+        assert len(keys) == len(set(keys)) > 1
 
 
 def test_fold_of_a_row_without_every_column() -> None:
