@@ -4,6 +4,7 @@ back, to the pico-USD and the histogram bucket. The histogram's own arithmetic i
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections import Counter
@@ -19,7 +20,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.parse.record import ChoiceRecord, CompletionRecord
-from proxy.store import histogram
+from proxy.store import histogram, rollup_write
 from proxy.store.engine import create_engine
 from proxy.store.insert import BatchWriter
 from proxy.store.migrate import upgrade
@@ -33,10 +34,11 @@ from proxy.store.models import (
 from proxy.store.pricing.book import PriceBook, PriceEntry
 from proxy.store.pricing.reprice import reprice
 from proxy.store.rollup_rebuild import rebuild
-from proxy.store.rollups import DIMENSIONS, VALUES, fold, pico_usd
+from proxy.store.rollups import DIMENSIONS, VALUES, fold, fold_tags, pico_usd
 from proxy.store.rows import record_to_row
 from proxy.writer.recorder import BatchRecorder
 
+from .helpers import eventually
 from .querydata import run_cli
 
 # ---- histogram ----------------------------------------------------------------------------------
@@ -330,6 +332,97 @@ async def test_replayed_rows_are_not_counted_twice(engine: AsyncEngine) -> None:
     assert len(inserted) == 80
     after = await assert_rollups_match_rows(engine)
     assert sum(s["requests"] for s in after[1].values()) - sum(s["requests"] for s in before[1].values()) == 80
+
+
+async def test_a_failing_rollup_upsert_fails_the_batch_and_replay_counts_it_once(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """The rows and their sums commit together: with a rollup table gone the batch goes to the spool, none
+    of it committed; once the table is back, replay writes every row and adds it once."""
+    recorder = BatchRecorder(engine, tmp_path / "spool", batch_max=50)
+    await recorder.start()
+    records = make_records(300, seed=21)
+    for record in records[:100]:
+        recorder.submit(record)
+    await recorder.wait_idle()
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE usage_daily_users RENAME TO usage_daily_users_away")
+    for record in records[100:200]:
+        recorder.submit(record)
+    await eventually(lambda: recorder.spool.backlog()[0] > 0, state=recorder.stats)
+    assert len(await read_rows(engine)) == 100
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE usage_daily_users_away RENAME TO usage_daily_users")
+    for record in records[200:]:
+        recorder.submit(record)
+    await eventually(lambda: recorder.spool.backlog()[0] == 0 and recorder.stats().database_ok, state=recorder.stats)
+    await recorder.wait_idle()
+    await recorder.close()
+    assert recorder.rows_rejected == 0
+    daily = (await assert_rollups_match_rows(engine))[8]
+    assert sum(sums["requests"] for sums in daily.values()) == 300
+
+
+async def test_rows_the_database_refuses_are_not_counted(engine: AsyncEngine, tmp_path: Path) -> None:
+    recorder = BatchRecorder(engine, tmp_path / "spool")
+    await recorder.start()
+    records = make_records(40, seed=23)
+    records[7].method = None  # NOT NULL: refused by every database, and with it the first try of its batch
+    for record in records:
+        recorder.submit(record)
+    await eventually(lambda: recorder.rows_rejected == 1 and recorder.rows_replayed == 39, state=recorder.stats)
+    await recorder.close()
+    daily = (await assert_rollups_match_rows(engine))[8]
+    assert sum(sums["requests"] for sums in daily.values()) == 39
+
+
+async def test_concurrent_writers_add_to_the_same_groups(database_url: str) -> None:
+    """Two writers (two engines, as two proxy instances) adding to the same groups at once, each batch
+    meeting them in the opposite order: each locks the rollup rows in key order, so neither waits for the
+    other in a cycle, and every row counts once."""
+    engines = [create_engine(database_url) for _ in range(2)]
+    try:
+        await upgrade(engines[0])
+        rng = random.Random(31)
+        records = make_records(2000, seed=31)
+        for record in records:
+            record.started_at = T0 + timedelta(minutes=rng.randint(0, 59)) - timedelta(minutes=30)
+            record.model, record.user = rng.choice(["a", "b", "c"]), rng.choice(["u1", "u2", "u3", "u4", None])
+            record.upstream, record.provider, record.api, record.outcome = "u", "p", "chat", "ok"
+
+        def order(record: CompletionRecord) -> tuple[str, str]:
+            return record.model or "", record.user or ""
+
+        async def writer(engine: AsyncEngine, part: list[CompletionRecord], reverse: bool) -> None:
+            for start in range(0, len(part), 50):
+                await write(engine, sorted(part[start : start + 50], key=order, reverse=reverse))
+
+        await asyncio.gather(
+            writer(engines[0], records[:1000], reverse=False), writer(engines[1], records[1000:], reverse=True)
+        )
+        daily = (await assert_rollups_match_rows(engines[0]))[8]
+        assert sum(sums["requests"] for sums in daily.values()) == 2000
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+def test_upserts_go_in_key_order_whatever_order_the_rows_came_in() -> None:
+    """The order writers lock rollup rows in on PostgreSQL: sorted keys, the same for every writer."""
+    rows = [record_to_row(r) for r in make_records(300, seed=37)]
+
+    def folded(rows: list[dict[str, Any]]) -> tuple[Any, ...]:
+        return (*fold(rows), *fold_tags(rows))
+
+    assert list(rollup_write.sqlite_plan(folded(rows))) == list(rollup_write.sqlite_plan(folded(rows[::-1])))
+    forward = list(rollup_write.postgres_plan(folded(rows)))
+    backward = list(rollup_write.postgres_plan(folded(rows[::-1])))
+    assert len(forward) == len(backward) == len(TABLES) + 2
+    for (_, arrays), (_, reversed_arrays) in zip(forward, backward, strict=True):
+        assert arrays[:-3] == reversed_arrays[:-3]  # (the last three: each group's non-zero buckets)
+        keys = list(zip(*arrays[: -3 - len(rollup_write.MEASURES)], strict=True))
+        assert keys == sorted(keys)
+        assert len(keys) == len(set(keys)) > 1
 
 
 def test_fold_of_a_row_without_every_column() -> None:

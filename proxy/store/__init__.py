@@ -3,7 +3,11 @@
 - models.py      the schema (ORM models): the one source of tables and columns
 - types.py       column types and every value conversion (ORM and driver level)
 - rows.py        records as rows; column lists derived from the models
-- insert.py      the one insert path (batch, one transaction)
+- insert.py      the one insert path (batch, one transaction), rollups included
+- histogram.py   the rollups' duration buckets and percentiles read from them
+- rollups.py     rows folded into per-group sums for the rollup tables
+- rollup_write.py  those sums added to the tables (upserts, in the insert's transaction)
+- rollup_rebuild.py  the rollup tables recomputed from the rows, a day at a time
 - engine.py      the engine factory (SQLite pragmas)
 - migrate.py     applying the Alembic migrations shipped in the package
 - filters.py     filters -> WHERE clauses, shared by every read

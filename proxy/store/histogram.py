@@ -1,7 +1,7 @@
 """Duration histograms of the rollup tables: 56 logarithmic buckets, and percentiles read from them.
 
 Bucket 0 holds durations under FIRST_MS; bucket i (1..54) holds FIRST_MS * RATIO**(i-1) <= d <
-FIRST_MS * RATIO**i; bucket 55 holds everything from FIRST_MS * RATIO**54 (about 7 hours) up. A
+FIRST_MS * RATIO**i; bucket 55 holds everything from FIRST_MS * RATIO**54 (about 2 hours) up. A
 percentile read from the counts lies within one bucket of the true one: each bucket spans 30% of its
 lower bound, so an interpolated value is off by at most about 15% of it. Pure code, no I/O.
 """

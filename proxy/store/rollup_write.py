@@ -11,15 +11,16 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 from sqlalchemy import BigInteger, Integer, Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeEngine
 
+from .histogram import BUCKET_COLUMNS
 from .models import ROLLUP_TABLES, TAG_TABLES
-from .rollups import VALUES, Sums
+from .rollups import HISTOGRAM, MEASURES, VALUES, Sums, dense
 
 # rollups.ROLLUP_SPECS then TAG_SPECS: the order of fold()'s sums, then fold_tags()'
 TABLES: tuple[Table, ...] = (*ROLLUP_TABLES, *TAG_TABLES)
@@ -59,13 +60,22 @@ def sqlite_upsert(table_name: str, rows: int) -> str:
 
 @lru_cache(maxsize=4)
 def postgres_upsert(table_name: str) -> str:
-    """One upsert of a whole batch's groups from one array per column."""
+    """One upsert of a whole batch's groups: one array per key and measure column, in key order, and the
+    histogram sparse, as (group's position, bucket, count) arrays of its non-zero buckets (a group of a few
+    rows fills a bucket or two, and sending the 56 columns whole made the parameters most of the cost)."""
     table = _table(table_name)
-    columns = _columns(table)
-    arrays = ", ".join(f"${n}::{_array_type(table.c[name].type)}[]" for n, name in enumerate(columns, start=1))
+    head = [*_key_columns(table), *MEASURES]
+    arrays = ", ".join(f"${n}::{_array_type(table.c[name].type)}[]" for n, name in enumerate(head, start=1))
+    names = [f"g.{_quoted(name)}" for name in head]
+    first = len(head) + 1
+    pivot = ", ".join(f"sum(c) FILTER (WHERE b = {i}) AS {name}" for i, name in enumerate(BUCKET_COLUMNS))
     return (
-        f"INSERT INTO {table.name} ({', '.join(map(_quoted, columns))}) SELECT * FROM unnest({arrays}) "
-        f"{_conflict_clause(table)}"
+        f"INSERT INTO {table.name} ({', '.join(map(_quoted, (*head, *BUCKET_COLUMNS)))}) "
+        f"SELECT {', '.join(names)}, {', '.join(f'coalesce(h.{name}, 0)' for name in BUCKET_COLUMNS)} "
+        f"FROM unnest({arrays}) WITH ORDINALITY AS g({', '.join(map(_quoted, head))}, n) "
+        f"LEFT JOIN (SELECT n, {pivot} FROM unnest(${first}::bigint[], ${first + 1}::integer[], "
+        f"${first + 2}::integer[]) AS x(n, b, c) GROUP BY n) AS h ON h.n = g.n "
+        f"ORDER BY g.n {_conflict_clause(table)}"
     )
 
 
@@ -80,7 +90,7 @@ def _table(name: str) -> Table:
 
 
 def _rows(sums: Sums) -> list[tuple[Any, ...]]:
-    return [(*key, *sums[key]) for key in sorted(sums)]
+    return [(*key, *sums[key][:HISTOGRAM], *dense(sums[key][HISTOGRAM])) for key in sorted(sums)]
 
 
 def sqlite_plan(folded: tuple[Sums, ...]) -> Iterator[tuple[str, tuple[Any, ...]]]:
@@ -95,10 +105,21 @@ def sqlite_plan(folded: tuple[Sums, ...]) -> Iterator[tuple[str, tuple[Any, ...]
 
 
 def postgres_plan(folded: tuple[Sums, ...]) -> Iterator[tuple[str, tuple[list[Any], ...]]]:
-    """(statement, one list per column) for each table with groups to add."""
+    """(statement, its arrays) for each table with groups to add."""
     for table, sums in zip(TABLES, folded, strict=True):
-        if sums:
-            yield postgres_upsert(table.name), tuple(map(list, zip(*_rows(sums), strict=True)))
+        if not sums:
+            continue
+        keys = sorted(sums)
+        rows = [(*key, *sums[key][:HISTOGRAM]) for key in keys]
+        positions: list[int] = []
+        buckets: list[int] = []
+        counts: list[int] = []
+        for position, key in enumerate(keys, start=1):
+            histogram = sums[key][HISTOGRAM]
+            positions.extend(repeat(position, len(histogram)))
+            buckets.extend(histogram)
+            counts.extend(histogram.values())
+        yield postgres_upsert(table.name), (*map(list, zip(*rows, strict=True)), positions, buckets, counts)
 
 
 async def add_sums(conn: AsyncConnection, folded: tuple[Sums, ...]) -> None:

@@ -8,7 +8,7 @@ NULL) and `null_dims`, a bitmask with bit i set when DIMENSIONS[i] was NULL.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -93,10 +93,14 @@ TOKENS: tuple[str, ...] = (
 # errors: outcome != 'ok'; priced: rows with a cost; timed: rows with a duration (the histogram counts those);
 # cost_pusd: the cost summed in pico-USD (10^-12 USD, the scale of the Money type), an exact integer
 MEASURES: tuple[str, ...] = ("requests", "errors", *TOKENS, "priced", "timed", "cost_pusd")
-VALUES: tuple[str, ...] = (*MEASURES, *BUCKET_COLUMNS)  # an accumulator's values, in this order
+VALUES: tuple[str, ...] = (*MEASURES, *BUCKET_COLUMNS)  # a rollup row's values, in this order
 
 Key = tuple[Any, ...]
-Sums = dict[Key, list[int]]
+# a group's sums: the MEASURES in order, then its histogram as {bucket: count} of the non-zero buckets (a
+# group of a few rows fills one or two of the 56)
+Accumulator = list[Any]
+Sums = dict[Key, Accumulator]
+HISTOGRAM = len(MEASURES)  # the accumulator's histogram position
 
 _PICO = Decimal(10) ** 12
 _ONE = Decimal(1)
@@ -127,28 +131,42 @@ def _group(keys: list[Key], rows: Sequence[Any]) -> dict[Key, Sequence[Any]]:
     return groups
 
 
-def _sums(raw_key: Key, rows: Sequence[Any], measures: Callable[[Any], tuple[Any, ...]]) -> list[int]:
-    """One group's accumulator (VALUES order)."""
+def _sums(raw_key: Key, rows: Sequence[Any], measures: Callable[[Any], tuple[Any, ...]]) -> Accumulator:
+    """One group's accumulator."""
+    error = raw_key[-1] != _OK
+    if len(rows) == 1:  # the common case when many users or models share a batch
+        *tokens, cost, duration = measures(rows[0])
+        return [
+            1,
+            int(error),
+            *(value or 0 for value in tokens),
+            int(cost is not None),
+            int(duration is not None),
+            pico_usd(cost) if cost is not None else 0,
+            {bisect_right(LOWER_BOUNDS, duration): 1} if duration is not None else {},
+        ]
     *tokens, costs, durations = zip(*map(measures, rows), strict=True)
     priced = [cost for cost in costs if cost is not None]
     timed = [duration for duration in durations if duration is not None]
-    histogram = [0] * BUCKETS
-    for bucket, count in Counter(map(bisect_right, repeat(LOWER_BOUNDS), timed)).items():  # bucket_of, in C
-        histogram[bucket] = count
+    histogram: dict[int, int] = {}
+    for bucket in map(bisect_right, repeat(LOWER_BOUNDS), timed):  # bisect_right: bucket_of, without a call
+        histogram[bucket] = histogram.get(bucket, 0) + 1
     requests = len(rows)
     return [
         requests,
-        requests if raw_key[-1] != _OK else 0,
+        requests if error else 0,
         *(sum(filter(None, column)) for column in tokens),
         len(priced),
         len(timed),
         sum(map(pico_usd, priced)),
-        *histogram,
+        histogram,
     ]
 
 
 def _key(raw_key: Key) -> Key:
     """(hour, dimension values with '' for NULL, null_dims)."""
+    if None not in raw_key:
+        return (*raw_key, 0)
     null_dims = 0
     values = []
     for i, value in enumerate(raw_key[1:]):
@@ -160,12 +178,23 @@ def _key(raw_key: Key) -> Key:
     return (raw_key[0], *values, null_dims)
 
 
-def _add(into: Sums, key: Key, sums: list[int]) -> None:
+def _add(into: Sums, key: Key, sums: Accumulator) -> None:
     found = into.get(key)
     if found is None:
-        into[key] = list(sums)
-    else:
-        found[:] = map(add, found, sums)
+        into[key] = [*sums[:HISTOGRAM], dict(sums[HISTOGRAM])]
+        return
+    found[:HISTOGRAM] = map(add, found[:HISTOGRAM], sums[:HISTOGRAM])
+    histogram = found[HISTOGRAM]
+    for bucket, count in sums[HISTOGRAM].items():
+        histogram[bucket] = histogram.get(bucket, 0) + count
+
+
+def dense(histogram: dict[int, int]) -> list[int]:
+    """An accumulator's histogram as the 56 bucket counts."""
+    counts = [0] * BUCKETS
+    for bucket, count in histogram.items():
+        counts[bucket] = count
+    return counts
 
 
 def _narrower(hourly: Sums) -> list[Sums]:
@@ -202,7 +231,7 @@ def _fold(keys: list[Key], rows: Sequence[Any], measures: Callable[[Any], tuple[
 
 def fold(rows: Sequence[dict[str, Any]]) -> tuple[Sums, ...]:
     """The sums of the rows (dicts of column values with started_hour) for each table of ROLLUP_SPECS, each a
-    dict key -> accumulator (VALUES order).
+    dict key -> accumulator (the MEASURES, then {bucket: count}).
 
     Keys: (hour or day, the table's dimensions, null_dims with the bits of those dimensions); days are
     hours // 24."""
@@ -274,9 +303,8 @@ def fold_tags(rows: Sequence[dict[str, Any]]) -> tuple[Sums, Sums]:
     return hourly, daily
 
 
-_COST_ONLY = [0] * len(VALUES)
-_PRICED = VALUES.index("priced")
-_COST = VALUES.index("cost_pusd")
+_PRICED = MEASURES.index("priced")
+_COST = MEASURES.index("cost_pusd")
 
 
 def cost_changes(changes: Iterable[tuple[Any, Decimal | None, Decimal | None]]) -> tuple[Sums, ...]:
@@ -287,7 +315,7 @@ def cost_changes(changes: Iterable[tuple[Any, Decimal | None, Decimal | None]]) 
     tags_hourly: Sums = {}
     tags_daily: Sums = {}
     for row, before, after in changes:
-        delta = list(_COST_ONLY)
+        delta: Accumulator = [0] * len(MEASURES) + [{}]
         delta[_PRICED] = (after is not None) - (before is not None)
         delta[_COST] = (pico_usd(after) if after is not None else 0) - (pico_usd(before) if before is not None else 0)
         if (delta[_PRICED] or delta[_COST]) and row.started_hour is not None:  # else: written around the writer
