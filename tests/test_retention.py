@@ -5,6 +5,7 @@ through the writer's own insert path (store.insert.BatchWriter)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -123,7 +124,7 @@ async def test_dry_run_counts_and_deletes_nothing(engine: AsyncEngine) -> None:
 async def test_batches_honour_batch_rows(engine: AsyncEngine) -> None:
     records = [record(NOW - timedelta(days=3, minutes=k), k) for k in range(95)]
     await insert_records(engine, records)
-    report = await prune(engine, NOW - timedelta(days=1), batch_rows=10)
+    report = await prune(engine, NOW - timedelta(days=1), batch_rows=10, vacuum=False)
     assert report.rows == 95
     assert report.batches >= 10  # at most 10 rows each
     assert len(report.batch_ms) == report.batches
@@ -409,3 +410,25 @@ def test_retention_config(tmp_path: Path, body: str, expected: Any) -> None:
         assert str(caught.value) == expected
     else:
         assert load(str(path), environ={}).retention == expected
+
+
+async def test_a_failing_prune_is_logged_once_and_the_writer_carries_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a ledger without the schema: every claim fails as a database error would
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+    retention = Retention(engine, RetentionConfig(days=1, interval=1.0))
+    try:
+        with caplog.at_level(logging.WARNING, logger="proxy.writer.retention"):
+            await retention.start()
+            await asyncio.sleep(3.5)  # the first check after 1 s, then one a second
+            assert retention._task is not None
+            assert not retention._task.done()
+        lines = [r.getMessage() for r in caplog.records if r.name == "proxy.writer.retention"]
+        assert len(lines) == 1, lines  # then at most once an hour
+        assert lines[0].startswith("retention: pruning failed, retried in 1 s: ")
+        assert "ledger_meta" in lines[0]
+    finally:
+        await retention.stop()
+        await engine.dispose()
+    assert retention._task.done()

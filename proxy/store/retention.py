@@ -25,7 +25,7 @@ PRUNED_BEFORE = "pruned_before"
 BATCH_ROWS = 2000  # the most rows one batch deletes; batches shrink below it to stay under BATCH_SECONDS
 BATCH_SECONDS = 0.05  # a concurrent insert waits for at most one batch (plus SQLite's busy-wait step)
 MIN_BATCH_ROWS = 50
-VACUUM_STEP_PAGES = 2048  # 8 MiB of 4 KiB pages per incremental_vacuum: one short write lock each
+VACUUM_STEP_PAGES = 512  # 2 MiB of 4 KiB pages per incremental_vacuum: one short write lock each
 
 
 @dataclass(slots=True)
@@ -43,10 +43,20 @@ class PruneReport:
     space_returned: int | None = None
     batch_ms: list[float] = field(default_factory=list, repr=False)
 
+    def add_batch(self, seconds: float) -> None:
+        self.batch_ms.append(seconds * 1000)
+        self.longest_batch_ms = max(self.longest_batch_ms, seconds * 1000)
+
+    @property
+    def p99_batch_ms(self) -> float:
+        ordered = sorted(self.batch_ms)
+        return ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)] if ordered else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         del data["batch_ms"]
         data["cut"] = self.cut.isoformat()
+        data["p99_batch_ms"] = self.p99_batch_ms
         return data
 
 
@@ -160,7 +170,7 @@ async def prune(
         report.seconds = time.perf_counter() - started
         return report
     await record_pruned_before(engine, cut)
-    size = min(batch_rows, max(MIN_BATCH_ROWS, batch_rows // 4))
+    size = min(batch_rows, MIN_BATCH_ROWS)  # the first batches read cold pages: start small, grow
     low_hour: int | None = None  # keyset: hours below it hold no more rows to delete
     while stop is None or not stop.is_set():
         async with engine.connect() as conn:
@@ -181,24 +191,35 @@ async def prune(
         report.rows += rows.rowcount
         report.choices += choices.rowcount
         report.batches += 1
-        report.batch_ms.append(took * 1000)
-        report.longest_batch_ms = max(report.longest_batch_ms, took * 1000)
+        report.add_batch(took)
         if took > batch_seconds:
             size = max(1, min(size // 2, batch_rows))
         elif took < batch_seconds / 3:
             size = min(batch_rows, size * 2)
         if sqlite:
+            await _checkpoint(engine)
             await asyncio.sleep(max(took, 0.005))
         else:
             await asyncio.sleep(0)
     if sqlite and vacuum:
-        report.space_returned = await incremental_vacuum(engine, stop=stop)
+        report.space_returned = await incremental_vacuum(engine, stop=stop, report=report)
     report.seconds = time.perf_counter() - started
     return report
 
 
+async def _checkpoint(engine: AsyncEngine) -> None:
+    """Copy the WAL into the database file now, without waiting for (or blocking) anyone: otherwise the
+    commit that crosses wal_autocheckpoint pays for the prune's pages, and that may be the writer's."""
+    async with engine.connect() as conn:
+        (await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")).all()
+        await conn.rollback()
+
+
 async def incremental_vacuum(
-    engine: AsyncEngine, step_pages: int = VACUUM_STEP_PAGES, stop: asyncio.Event | None = None
+    engine: AsyncEngine,
+    step_pages: int = VACUUM_STEP_PAGES,
+    stop: asyncio.Event | None = None,
+    report: PruneReport | None = None,
 ) -> int | None:
     """SQLite: give free pages back to the file system, `step_pages` per write lock; returns bytes freed,
     or None when the file is not in auto_vacuum incremental mode (only VACUUM shrinks it)."""
@@ -223,12 +244,16 @@ async def incremental_vacuum(
             await raw.driver_connection.executescript(  # type: ignore[union-attr]
                 f"PRAGMA incremental_vacuum({min(free, step_pages)})"
             )
+            took = time.perf_counter() - began
             after = (await conn.exec_driver_sql("PRAGMA freelist_count")).scalar_one()
             await conn.rollback()
+        if report is not None:
+            report.add_batch(took)
         if after >= free:
             break
         freed += (free - after) * page_size
-        await asyncio.sleep(max(time.perf_counter() - began, 0.005))
+        await _checkpoint(engine)
+        await asyncio.sleep(max(took, 0.005))
     return freed
 
 
