@@ -9,10 +9,12 @@ measured too, reported in µs per call (the target is for writing rows). Postgre
 database created (and dropped) on the server named by CHATLEDGER_TEST_POSTGRES_URL.
 
 `--prefill 1000000` first copies a row a million times, so the rate is the one into a ledger that has
-grown (indexes no longer in cache), not into an empty one.
+grown (indexes no longer in cache), not into an empty one. `--ledger URL` writes into an existing ledger
+instead (e.g. one filled by bench.scale_data), then deletes the rows it wrote and rebuilds the rollups of
+the days it touched, unless `--keep-rows`.
 
 Run: `python -m bench.writer_bench [--rows 50000] [--repeat 3] [--only sqlite|postgresql] [--captured]
-[--prefill N] [--profile]`.
+[--prefill N] [--ledger URL [--keep-rows]] [--profile]`.
 """
 
 from __future__ import annotations
@@ -179,6 +181,21 @@ async def prefill(engine: AsyncEngine, rows: int) -> None:
     print(f"  {engine.dialect.name}: prefilled {rows:,} rows in {time.perf_counter() - started:.0f}s", flush=True)
 
 
+async def remove_written(engine: AsyncEngine, last_id: int, since: datetime) -> None:
+    """Delete the rows after `last_id` (their choices go with them) and rebuild the rollups from `since`'s
+    day, so the ledger is as it was."""
+    from proxy.store.rollup_rebuild import rebuild
+
+    started = time.perf_counter()
+    async with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+        await conn.execute(choices_table.delete().where(choices_table.c.completion_pk > last_id))
+        await conn.execute(completions_table.delete().where(completions_table.c.id > last_id))
+    await rebuild(engine, since)
+    print(f"  removed the rows written and rebuilt today's rollups in {time.perf_counter() - started:.0f}s")
+
+
 @asynccontextmanager
 async def scratch_postgres(admin_url: str) -> AsyncIterator[str]:
     import asyncpg
@@ -201,13 +218,29 @@ async def scratch_postgres(admin_url: str) -> AsyncIterator[str]:
 
 
 async def bench_url(
-    url: str, rows: int, repeat: int, batch_max: int, profile: bool, captured: bool = False, prefill_rows: int = 0
+    url: str,
+    rows: int,
+    repeat: int,
+    batch_max: int,
+    profile: bool,
+    captured: bool = False,
+    prefill_rows: int = 0,
+    existing: bool = False,
+    keep_rows: bool = True,
 ) -> dict[str, Any]:
+    """`existing`: the ledger at `url` already holds rows; unless `keep_rows`, the rows written here are
+    deleted afterwards and the rollups of the days they touched rebuilt."""
     make = captured_calls if captured else records
     engine = create_engine(url)
     batches: list[int] = []
     try:
         await upgrade(engine)
+        async with engine.connect() as conn:
+            held = (await conn.execute(select(func.count()).select_from(completions_table))).scalar_one()
+            last_id = (await conn.execute(select(func.coalesce(func.max(completions_table.c.id), 0)))).scalar_one()
+        if held and not existing:
+            raise RuntimeError(f"{url} already holds {held:,} rows")
+        started_at = datetime.now(UTC)
         with tempfile.TemporaryDirectory(prefix="writer-bench-") as spool:
             recorder = Recorder(
                 engine,
@@ -224,7 +257,7 @@ async def bench_url(
                 for record in make(min(2000, rows)):  # warm-up: connections, statement cache
                     recorder.submit(record)
                 await recorder.wait_idle(120)
-                expected = recorder.rows_written
+                expected = held + recorder.rows_written
                 if prefill_rows:
                     await prefill(engine, prefill_rows)
                     expected += prefill_rows
@@ -255,7 +288,13 @@ async def bench_url(
                 await recorder.close()
         async with engine.connect() as conn:
             in_db = (await conn.execute(select(func.count()).select_from(completions_table))).scalar_one()
-            choices = (await conn.execute(select(func.count()).select_from(choices_table))).scalar_one()
+            if existing:  # the choices written here: one per row
+                new = select(func.count()).where(choices_table.c.completion_pk > last_id)
+                choices = held + (await conn.execute(new)).scalar_one()
+            else:
+                choices = (await conn.execute(select(func.count()).select_from(choices_table))).scalar_one()
+        if existing and not keep_rows:
+            await remove_written(engine, last_id, started_at)
     finally:
         await engine.dispose()
     result = {
@@ -298,6 +337,11 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Each database's result, printed as it comes (PostgreSQL only with CHATLEDGER_TEST_POSTGRES_URL)."""
     results = []
     settings = (args.rows, args.repeat, args.batch_max, args.profile, args.captured, args.prefill)
+    if args.ledger:
+        url = normalize_database_url(args.ledger)
+        results.append(await bench_url(url, *settings, existing=True, keep_rows=args.keep_rows))
+        report(results[-1])
+        return results
     if args.only in (None, "sqlite"):
         with tempfile.TemporaryDirectory(prefix="writer-bench-db-") as directory:
             results.append(await bench_url(f"sqlite+aiosqlite:///{directory}/ledger.db", *settings))
@@ -333,6 +377,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="rows in the ledger before measuring (e.g. 1000000: the sustained rate into a ledger that has "
         "grown; an empty one keeps every index in cache)",
+    )
+    parser.add_argument(
+        "--ledger",
+        metavar="URL",
+        help="write into this existing ledger (SQLite path or URL, or PostgreSQL URL) instead of fresh ones",
+    )
+    parser.add_argument(
+        "--keep-rows", action="store_true", help="with --ledger: leave the rows written (default: delete them)"
     )
     return parser.parse_args(argv)
 
