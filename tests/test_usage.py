@@ -193,3 +193,20 @@ async def test_costs_from_the_rollups_are_exact(seeded: Any) -> None:
     async with engine.connect() as conn:
         found = await fetch_stats(conn, "day", Filters())
     assert found.totals.cost == sum((r["cost"] for r in rows if r["cost"] is not None), Decimal(0))
+
+
+async def test_stats_without_percentiles_skip_the_histograms(seeded: Any) -> None:
+    """The dashboard's top lists show no percentiles: the same sums, read without the histogram columns."""
+    engine, _ = seeded
+    since = datetime.now(UTC) - timedelta(days=7)  # a range with sub-hour ends read from the rows
+    async with engine.connect() as conn:
+        for by in ("model", "user", "key", "tag", "upstream"):
+            full = await fetch_stats(conn, by, Filters(since=since))
+            lean = await fetch_stats(conn, by, Filters(since=since), percentiles=False)
+            assert lean.percentiles == "none"
+            assert all(row.p50_ms is None and row.p95_ms is None for row in (*lean.rows, lean.totals))
+            keep = ("key", "requests", "errors", "prompt_tokens", "cost", "unknown_cost")
+            assert [[getattr(r, n) for n in keep] for r in lean.rows] == [
+                [getattr(r, n) for n in keep] for r in full.rows
+            ]
+            assert any(row.p50_ms is not None for row in full.rows)

@@ -1,4 +1,4 @@
-"""Rollups: a batch of rows folded into per-group sums for usage_hourly, usage_daily and usage_daily_users.
+"""Rollups: a batch of rows folded into per-group sums for usage_hourly, its narrower families and the tag tables.
 
 Pure code, no I/O: the writer folds the rows it inserted and hands the sums to rollup_write.py, which adds
 them to the tables in the same transaction. A group is keyed by its period, the dimension values ('' for

@@ -187,14 +187,15 @@ def _rollup_key(by: str, values: tuple[Any, ...]) -> Any:
     return values[0]
 
 
-def _from_aggregate(key: Any, found: usage.Aggregate) -> StatsRow:
+def _from_aggregate(key: Any, found: usage.Aggregate, percentiles: bool = True) -> StatsRow:
     row = StatsRow(key)
     for name in ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
         setattr(row, name, getattr(found, name))
     row.cost = found.cost
     row.unknown_cost = found.requests - found.priced
     row.timed = found.timed
-    row.p50_ms, row.p95_ms = (found.percentile(p) for p in PERCENTILES)
+    if percentiles:
+        row.p50_ms, row.p95_ms = (found.percentile(p) for p in PERCENTILES)
     return row
 
 
@@ -202,12 +203,12 @@ def _rollup_fields(by: str) -> tuple[str, ...]:
     return usage.TAG_FIELDS if by.startswith("tag") else ROLLUP_FIELDS[by]
 
 
-async def _rollup_stats(conn: AsyncConnection, by: str, filters: Filters) -> Stats:
+async def _rollup_stats(conn: AsyncConnection, by: str, filters: Filters, percentiles: bool) -> Stats:
     merged: dict[Any, usage.Aggregate] = {}
-    found_groups = await usage.aggregate(conn, filters, _rollup_fields(by))
+    found_groups = await usage.aggregate(conn, filters, _rollup_fields(by), histograms=percentiles)
     everything = usage.Aggregate()
     if by.startswith("tag"):  # a call counts under each of its tags: the totals count it once
-        for found in (await usage.aggregate(conn, filters, ())).values():
+        for found in (await usage.aggregate(conn, filters, (), histograms=percentiles)).values():
             everything.merge(found)
     for values, found in found_groups.items():
         key = _rollup_key(by, values)
@@ -221,29 +222,33 @@ async def _rollup_stats(conn: AsyncConnection, by: str, filters: Filters) -> Sta
     elif not by.startswith("tag"):
         for found in merged.values():
             everything.merge(found)
-    groups = {key: _from_aggregate(key, found) for key, found in merged.items() if found.requests}
+    groups = {key: _from_aggregate(key, found, percentiles) for key, found in merged.items() if found.requests}
     if by == "key":
         await _attach_labels(conn, groups)
     rows = sorted(groups.values(), key=_order)
-    return Stats(by, rows, _from_aggregate("total", everything), histogram.RESOLUTION)
+    resolution = histogram.RESOLUTION if percentiles else "none"
+    return Stats(by, rows, _from_aggregate("total", everything, percentiles), resolution)
 
 
 def _order(row: StatsRow) -> tuple[Any, ...]:
     return (row.cost is None, -(row.cost or 0), -row.requests, str(row.key))
 
 
-async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters, *, exact: bool = False) -> Stats:
-    """Per-group sums, from the rollups where they can answer (percentiles from histograms), else, or with
-    `exact`, from the rows (exact percentiles)."""
+async def fetch_stats(
+    conn: AsyncConnection, by: str, filters: Filters, *, exact: bool = False, percentiles: bool = True
+) -> Stats:
+    """Per-group sums, from the rollups where they can answer (percentiles from histograms; without
+    `percentiles`, none: the histograms are most of what a rollup row holds), else, or with `exact`, from
+    the rows (exact percentiles)."""
     by = parse_dimension(by)
     if not exact and usage.answerable(filters, _rollup_fields(by)):
-        return await _rollup_stats(conn, by, filters)
+        return await _rollup_stats(conn, by, filters, percentiles)
     dialect = conn.dialect.name
     where = where_clauses(filters, dialect)
     key_expr, from_ = _group(by, dialect)
     groups: dict[Any, StatsRow] = {}
     extra = []
-    if dialect != "sqlite":
+    if dialect != "sqlite" and percentiles:
         extra = [func.percentile_cont(p).within_group(c.duration_ms).label(f"p{i}") for i, p in enumerate(PERCENTILES)]
     query = select(key_expr.label("key"), *_aggregates(), *extra).select_from(from_).where(*where)
     for row in await conn.execute(query.group_by(key_expr)):
@@ -251,7 +256,7 @@ async def fetch_stats(conn: AsyncConnection, by: str, filters: Filters, *, exact
         stats.add(row)
         if extra:
             stats.p50_ms, stats.p95_ms = row.p0, row.p1
-    if dialect == "sqlite" and groups:
+    if dialect == "sqlite" and groups and percentiles:
         await _window_percentiles(conn, key_expr, from_, where, groups)
     if by == "key":
         await _attach_labels(conn, groups)

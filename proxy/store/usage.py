@@ -212,7 +212,9 @@ def _rollup_where(table: Any, filters: Filters, dialect: str, span: Span) -> lis
     return where
 
 
-def _rollup_query(table: Any, filters: Filters, fields: Sequence[str], dialect: str, span: Span) -> Any:
+def _rollup_query(
+    table: Any, filters: Filters, fields: Sequence[str], dialect: str, span: Span, histograms: bool
+) -> Any:
     t = table.c
     groups: list[Any] = []
     mask = 0
@@ -225,7 +227,8 @@ def _rollup_query(table: Any, filters: Filters, fields: Sequence[str], dialect: 
             groups.append(t[name].label(name))
             mask |= _BIT.get(name, 0)
     nulls = (t.null_dims.op("&")(mask) if "null_dims" in t else literal(0)).label("nulls")
-    measures = [func.sum(t[name]).label(name) for name in (*MEASURES, "cost_pusd", *histogram.BUCKET_COLUMNS)]
+    buckets = histogram.BUCKET_COLUMNS if histograms else ()  # most of the columns: summed only when wanted
+    measures = [func.sum(t[name]).label(name) for name in (*MEASURES, "cost_pusd", *buckets)]
     query = select(*groups, nulls, *measures).where(*_rollup_where(table, filters, dialect, span))
     return query.group_by(*groups, nulls)
 
@@ -285,7 +288,9 @@ def _key(row: Any, fields: Sequence[str], nulls: int) -> tuple[Any, ...]:
     return tuple(values)
 
 
-async def aggregate(conn: AsyncConnection, filters: Filters, fields: Sequence[str]) -> dict[tuple[Any, ...], Aggregate]:
+async def aggregate(
+    conn: AsyncConnection, filters: Filters, fields: Sequence[str], *, histograms: bool = True
+) -> dict[tuple[Any, ...], Aggregate]:
     """Sums per group of `fields` (dimension names, "day" or "hour" as integers since the epoch), read from
     the rollups and, for the sub-hour ends of the range, the rows. Callers check `answerable` first."""
     dialect = conn.dialect.name
@@ -302,11 +307,13 @@ async def aggregate(conn: AsyncConnection, filters: Filters, fields: Sequence[st
                 groups.setdefault(_key(row, fields, 0), Aggregate()).merge(found)
             continue
         table = _TABLES[span.source]
-        for row in await conn.execute(_rollup_query(table, filters, fields, dialect, span)):
+        for row in await conn.execute(_rollup_query(table, filters, fields, dialect, span, histograms)):
             found = Aggregate(
                 **{name: int(getattr(row, name)) for name in MEASURES},
                 cost_pusd=int(row.cost_pusd),
-                histogram=[int(getattr(row, name)) for name in histogram.BUCKET_COLUMNS],
+                histogram=[int(getattr(row, name)) for name in histogram.BUCKET_COLUMNS]
+                if histograms
+                else [0] * histogram.BUCKETS,
             )
             groups.setdefault(_key(row, fields, row.nulls), Aggregate()).merge(found)
     return groups

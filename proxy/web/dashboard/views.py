@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ...parse.record import APIS, OUTCOMES
+from ...store import histogram
 from ...store.filters import FilterError, Filters, parse_filters
 from ...store.latency import fetch_percentiles
 from ...store.models import ApiKey
@@ -120,11 +121,11 @@ async def overview(request: web.Request) -> web.Response:
     bucket = bucket_for(filters.since, filters.until, now)
     async with request.app[SLOTS]:
         by_model, by_key, by_user, by_tag, by_upstream, points, (p50, p95) = await asyncio.gather(
-            _read(engine, lambda conn: fetch_stats(conn, "model", filters)),
-            _read(engine, lambda conn: fetch_stats(conn, "key", filters)),
-            _read(engine, lambda conn: fetch_stats(conn, "user", filters)),
-            _read(engine, lambda conn: fetch_stats(conn, "tag", filters)),
-            _read(engine, lambda conn: fetch_stats(conn, "upstream", filters)),
+            _read(engine, lambda conn: fetch_stats(conn, "model", filters, percentiles=False)),
+            _read(engine, lambda conn: fetch_stats(conn, "key", filters, percentiles=False)),
+            _read(engine, lambda conn: fetch_stats(conn, "user", filters, percentiles=False)),
+            _read(engine, lambda conn: fetch_stats(conn, "tag", filters, percentiles=False)),
+            _read(engine, lambda conn: fetch_stats(conn, "upstream", filters, percentiles=False)),
             _read(engine, lambda conn: fetch_series(conn, filters, bucket)),
             _read(engine, lambda conn: fetch_percentiles(conn, filters)),
         )
@@ -143,9 +144,9 @@ async def overview(request: web.Request) -> web.Response:
         "since": filters.since,
         "until": filters.until or now,
         "totals": totals,
-        "p50": totals.p50_ms if totals.p50_ms is not None else p50,
-        "p95": totals.p95_ms if totals.p95_ms is not None else p95,
-        "percentiles": by_model.percentiles,
+        "p50": p50,
+        "p95": p95,
+        "percentiles": "exact" if by_model.percentiles == "exact" else histogram.RESOLUTION,
         "chart": build_chart(points, filters.since, filters.until or now, bucket),
         "tops": tops,
         **_form_context(params, None),
