@@ -137,12 +137,15 @@ async def middle_row(engine: AsyncEngine) -> dict[str, Any]:
 
 def queries(now: datetime, middle: dict[str, Any]) -> list[tuple[str, Query]]:
     from proxy.web.dashboard.charts import bucket_for
+    from proxy.web.dashboard.views import period_start
 
     week = Filters(since=now - timedelta(days=7))
-    bucket = bucket_for(week.since, week.until, now)
+    # the overview's default period as the page reads it: today and the six UTC days before
+    period = Filters(since=period_start("7d", now))
+    bucket = bucket_for(period.since, period.until, now)
 
-    def stats(by: str, filters: Filters, exact: bool = False) -> Query:
-        return lambda conn: fetch_stats(conn, by, filters, exact=exact)
+    def stats(by: str, filters: Filters, exact: bool = False, percentiles: bool = True) -> Query:
+        return lambda conn: fetch_stats(conn, by, filters, exact=exact, percentiles=percentiles)
 
     found: list[tuple[str, Query]] = []
     for by in ("day", "model", "key"):
@@ -150,9 +153,10 @@ def queries(now: datetime, middle: dict[str, Any]) -> list[tuple[str, Query]]:
         found.append((f"stats --by {by} --since 7d", stats(by, week)))
     found.append(("stats --by day --since 7d --exact (rows)", stats("day", week, exact=True)))
     for by in ("model", "key", "user", "tag", "upstream"):
-        found.append((f"overview 7d: stats by {by}", stats(by, week)))
-    found.append((f"overview 7d: series by {bucket}", lambda conn: fetch_series(conn, week, bucket)))
-    found.append(("overview 7d: percentiles", lambda conn: fetch_percentiles(conn, week)))
+        found.append((f"overview 7d: stats by {by}", stats(by, period, percentiles=False)))
+    found.append((f"overview 7d: series by {bucket}", lambda conn: fetch_series(conn, period, bucket)))
+    found.append(("overview 7d: percentiles", lambda conn: fetch_percentiles(conn, period)))
+    found.append(("stats --by user --since 7d", stats("user", week)))
     found.append(("list: first page", lambda conn: fetch_completions(conn, Filters(), limit=PAGE_ROWS + 1)))
     found.append(
         (

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import cProfile
 import dataclasses
+import functools
 import io
 import os
 import pstats
@@ -92,16 +93,28 @@ def duration_ms() -> float:
     return round(random.uniform(200.0, 9000.0), 3)
 
 
-def records(count: int) -> list[CompletionRecord]:
+SPREAD_USERS = tuple(f"user-{n:04d}" for n in range(2000))
+SPREAD_MODELS = tuple(f"vendor/model-{n:02d}" for n in range(20))
+SPREAD_KEYS = tuple(f"{n:016x}" for n in range(50))
+
+
+def records(count: int, spread: bool = False) -> list[CompletionRecord]:
+    """`count` calls like the template; with `spread`, each from one of 2,000 users, 50 keys and 20 models
+    (skewed, as real traffic is), so a batch adds to as many rollup groups as a busy ledger's does."""
     base = template()
     now = datetime.now(UTC)
-    return [
-        dataclasses.replace(
+    out = []
+    for _ in range(count):
+        record = dataclasses.replace(
             base, request_id=new_request_id(), started_at=now, completion_id=completion_id(),
             duration_ms=duration_ms(), choices=list(base.choices),
-        )
-        for _ in range(count)
-    ]  # fmt: skip
+        )  # fmt: skip
+        if spread:
+            record.user = SPREAD_USERS[int(random.paretovariate(0.8)) % len(SPREAD_USERS)]
+            record.model = record.requested_model = SPREAD_MODELS[int(random.paretovariate(1.2)) % 20]
+            record.api_key_hash = SPREAD_KEYS[int(random.paretovariate(1.0)) % len(SPREAD_KEYS)]
+        out.append(record)
+    return out
 
 
 def captured_calls(count: int) -> list[Capture]:
@@ -227,10 +240,11 @@ async def bench_url(
     prefill_rows: int = 0,
     existing: bool = False,
     keep_rows: bool = True,
+    spread: bool = False,
 ) -> dict[str, Any]:
     """`existing`: the ledger at `url` already holds rows; unless `keep_rows`, the rows written here are
     deleted afterwards and the rollups of the days they touched rebuilt."""
-    make = captured_calls if captured else records
+    make = captured_calls if captured else functools.partial(records, spread=spread)
     engine = create_engine(url)
     batches: list[int] = []
     try:
@@ -339,12 +353,16 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     settings = (args.rows, args.repeat, args.batch_max, args.profile, args.captured, args.prefill)
     if args.ledger:
         url = normalize_database_url(args.ledger)
-        results.append(await bench_url(url, *settings, existing=True, keep_rows=args.keep_rows))
+        results.append(
+            await bench_url(url, *settings, existing=True, keep_rows=args.keep_rows, spread=args.spread)
+        )
         report(results[-1])
         return results
     if args.only in (None, "sqlite"):
         with tempfile.TemporaryDirectory(prefix="writer-bench-db-") as directory:
-            results.append(await bench_url(f"sqlite+aiosqlite:///{directory}/ledger.db", *settings))
+            results.append(
+                await bench_url(f"sqlite+aiosqlite:///{directory}/ledger.db", *settings, spread=args.spread)
+            )
             report(results[-1])
     if args.only in (None, "postgresql"):
         admin = os.environ.get(PG_ENV)
@@ -352,7 +370,7 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"postgresql: skipped, set {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
         else:
             async with scratch_postgres(admin) as url:
-                results.append(await bench_url(url, *settings))
+                results.append(await bench_url(url, *settings, spread=args.spread))
                 report(results[-1])
     return results
 
@@ -382,6 +400,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ledger",
         metavar="URL",
         help="write into this existing ledger (SQLite path or URL, or PostgreSQL URL) instead of fresh ones",
+    )
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="rows from 2,000 users, 50 keys and 20 models instead of one of each (the rollups' many-groups case)",
     )
     parser.add_argument(
         "--keep-rows", action="store_true", help="with --ledger: leave the rows written (default: delete them)"
