@@ -12,7 +12,7 @@ figure the median of --repeat runs after one warm-up run:
   request id;
 - the dashboard pages, served by the real app on a real port (handler time and round trip);
 - the whole commands in a fresh process (`chatledger stats ...`, `logs -n 20`, `logs show <completion id>`);
-- the size on disk (SQLite: the file, and each table and index through dbstat where SQLite has it;
+- the size on disk (SQLite: the file, and each table with its indexes through dbstat where SQLite has it;
   PostgreSQL: pg_total_relation_size of each table), also per million rows.
 
 Run: `python -m bench.scale_bench --url URL [--rows 10000000] [--days 90] [--keep] [--json FILE]`; URL is
@@ -337,10 +337,14 @@ async def sizes(url: str, rows: int) -> dict[str, Any]:
 
 
 def _sqlite_objects(path: Path) -> dict[str, int]:
-    """Bytes of each table and index, or {} where SQLite was built without the dbstat table."""
+    """Bytes of each table with its indexes, or {} where SQLite was built without the dbstat table."""
     db = sqlite3.connect(path)
     try:
-        return {name: size for name, size in db.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")}
+        query = (
+            "SELECT m.tbl_name, sum(d.pgsize) FROM dbstat AS d JOIN sqlite_master AS m ON m.name = d.name "
+            "GROUP BY m.tbl_name"
+        )
+        return dict(db.execute(query).fetchall())
     except sqlite3.OperationalError:
         return {}
     finally:
