@@ -540,6 +540,13 @@ async def test_rebuild_since_and_the_prune_horizon(
 async def test_rebuild_of_an_empty_ledger(engine: AsyncEngine) -> None:
     report = await rebuild(engine)
     assert (report.days, report.rows) == (0, 0)
+    await write(engine, make_records(10, seed=41))
+    report = await rebuild(engine, datetime(1990, 1, 1, tzinfo=UTC))  # from the first day with rows, not 1990
+    assert (report.days, report.rows) == (4, 10)
+    assert report.first_day == T0.date().isoformat()
+    report = await rebuild(engine, T0 + timedelta(days=30))
+    assert (report.days, report.rows) == (0, 0)
+    await assert_rollups_match_rows(engine)
 
 
 # ---- the migration --------------------------------------------------------------------------------

@@ -216,10 +216,9 @@ async def rebuild(engine: AsyncEngine, since: datetime | None = None) -> Rebuild
     if not ends:
         report.seconds = time.perf_counter() - started
         return report
+    first = min(hour // 24 for hour in (first_hour, first_rollup) if hour is not None)  # nothing before it
     if since is not None:
-        first = day_number(since)
-    else:
-        first = min(hour // 24 for hour in (first_hour, first_rollup) if hour is not None)
+        first = max(first, day_number(since))
     if horizon is not None:
         first = max(first, -(-(horizon - EPOCH) // timedelta(days=1)))  # a partly pruned day is left alone
     last = max(ends)
