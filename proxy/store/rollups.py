@@ -197,24 +197,39 @@ def dense(histogram: dict[int, int]) -> list[int]:
     return counts
 
 
-def _narrower(hourly: Sums) -> list[Sums]:
-    """The sums of every table after usage_hourly (ROLLUP_SPECS order): a family's hourly table from
-    usage_hourly's sums, its daily table from its hourly one (fewer groups to go through)."""
-    found: dict[str, Sums] = {}
+def _projections() -> list[tuple[RollupSpec, bool, Callable[[Key], tuple[Any, ...]]]]:
+    """(spec, daily, the key's dimension values it keeps) for every table after usage_hourly: a daily key
+    is its family's hourly key, an hourly key usage_hourly's."""
+    found = []
     for spec in ROLLUP_SPECS[1:]:
         daily = spec.period == "day"
         if daily:
             positions = list(range(1, 1 + len(spec.dimensions)))
-            source = found[SOURCES[spec.name]]
         else:
             positions = [1 + DIMENSIONS.index(name) for name in spec.dimensions]
-            source = hourly
+        found.append((spec, daily, _dimensions_getter(positions)))
+    return found
+
+
+def _narrower(hourly: Sums) -> list[Sums]:
+    """The sums of every table after usage_hourly (ROLLUP_SPECS order): a family's hourly table from
+    usage_hourly's sums, its daily table from its hourly one (fewer groups to go through)."""
+    found: dict[str, Sums] = {}
+    for spec, daily, dimensions_of in _PROJECTIONS:
+        source = found[SOURCES[spec.name]] if daily else hourly
+        mask = spec.mask
         sums: Sums = {}
         for key, values in source.items():
-            period = key[0] // 24 if daily else key[0]
-            _add(sums, (period, *(key[i] for i in positions), key[-1] & spec.mask), values)
+            _add(sums, (key[0] // 24 if daily else key[0], *dimensions_of(key), key[-1] & mask), values)
         found[spec.name] = sums
     return list(found.values())
+
+
+def _dimensions_getter(positions: list[int]) -> Callable[[Key], tuple[Any, ...]]:
+    if not positions:
+        return lambda key: ()
+    getter = itemgetter(*positions)
+    return (lambda key: (getter(key),)) if len(positions) == 1 else getter
 
 
 def _fold(keys: list[Key], rows: Sequence[Any], measures: Callable[[Any], tuple[Any, ...]]) -> tuple[Sums, ...]:
@@ -283,21 +298,23 @@ def fold_tags(rows: Sequence[dict[str, Any]]) -> tuple[Sums, Sums]:
     pairs (a call with two tags in both), a call without tags under NO_TAGS. Keys: (hour or day, tag, value)."""
     keys: list[Key] = []
     members: list[dict[str, Any]] = []
-    for row in rows:
+    for row in rows:  # grouped by the whole tag set first: calls of a batch mostly share theirs
         hour = row.get("started_hour")
         if hour is None:
             continue
-        for name, value in _tag_pairs(row.get("tags")):
-            keys.append((hour, name, value, row.get("outcome")))  # outcome last: _sums counts errors by it
-            members.append(row)
+        tags = row.get("tags")
+        pairs = tuple(_tag_pairs(tags)) if tags else (NO_TAGS,)
+        keys.append((hour, pairs, row.get("outcome")))  # outcome last: _sums counts errors by it
+        members.append(row)
     hourly: Sums = {}
     daily: Sums = {}
     try:
         for raw_key, group in _group(keys, members).items():
             sums = _sums(raw_key, group, _tag_measures)
-            hour, name, value, _ = raw_key
-            _add(hourly, (hour, name, value), sums)
-            _add(daily, (hour // 24, name, value), sums)
+            hour, pairs, _ = raw_key
+            for name, value in pairs:
+                _add(hourly, (hour, name, value), sums)
+                _add(daily, (hour // 24, name, value), sums)
     except (TypeError, ValueError, ArithmeticError) as exc:  # a bad spooled value: the batch is refused
         raise ValueError(f"rollups: {type(exc).__name__}: {exc}") from exc
     return hourly, daily
@@ -324,3 +341,6 @@ def cost_changes(changes: Iterable[tuple[Any, Decimal | None, Decimal | None]]) 
                 _add(tags_hourly, (row.started_hour, name, value), delta)
                 _add(tags_daily, (row.started_hour // 24, name, value), delta)
     return hourly, *_narrower(hourly), tags_hourly, tags_daily
+
+
+_PROJECTIONS = _projections()
