@@ -1,7 +1,8 @@
 """Server time of each dashboard page over a 1,000,000-row ledger, on SQLite and PostgreSQL.
 
 The ledger is filled by query_bench.fill (60 days of varied synthetic rows, one INSERT ... SELECT); the
-PostgreSQL ledger gets the same rows copied over (COPY), then VACUUM ANALYZE. The proxy runs in this
+PostgreSQL ledger gets the same rows copied over (COPY), then VACUUM ANALYZE; each one's rollups are then
+rebuilt from its rows. The proxy runs in this
 process on a real port, built by the real app factory; a middleware added for the bench times each
 page's handler (server time: queries and template rendering), and the client also records the round
 trip. Each page is fetched `--repeat` times after one warm-up; medians are reported.
@@ -33,6 +34,7 @@ from aiohttp import web
 from proxy.config import load
 from proxy.relay.server_compat import make_runner
 from proxy.store.models import choices_table, completions_table
+from proxy.store.rollup_rebuild import rebuild
 from proxy.web.app import create_app
 
 from .query_bench import DAYS, fill
@@ -106,7 +108,10 @@ def _converter(table: str, column: str) -> Any:
     return same
 
 
-async def time_pages(url: str, repeat: int) -> list[tuple[str, float, float]]:
+async def page_times(url: str, paths: list[tuple[str, str]], repeat: int) -> list[tuple[str, float, float]]:
+    """(name, server ms, round-trip ms) of each page, the median of `repeat` fetches after a warm-up, served
+    by the real app factory on a real port; server time is the handler's (queries and rendering), taken by
+    a middleware added for the bench."""
     config = load(None, {("database", "url"): url, ("upstream", "url"): "http://127.0.0.1:9"}, environ={})
     config = config.replace("database", writer="inline", auto_migrate=False)
     app = create_app(config, migrate=False)
@@ -126,12 +131,34 @@ async def time_pages(url: str, repeat: int) -> list[tuple[str, float, float]]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    base = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            for name, path in paths:
+                server, wall = [], []
+                for attempt in range(repeat + 1):
+                    handler_times.clear()
+                    started = time.perf_counter()
+                    async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                        await response.read()
+                        if response.status != 200:
+                            raise RuntimeError(f"{path}: HTTP {response.status}")
+                    if attempt:  # the first fetch warms caches and the template
+                        wall.append(time.perf_counter() - started)
+                        server.append(handler_times[-1])
+                results.append((name, statistics.median(server) * 1000, statistics.median(wall) * 1000))
+    finally:
+        await runner.cleanup()
+    return results
+
+
+async def time_pages(url: str, repeat: int) -> list[tuple[str, float, float]]:
     from sqlalchemy import func, select
 
     from proxy.store.engine import create_engine
 
     engine = create_engine(url)
+    await rebuild(engine)  # the fill writes rows only; the overview reads the rollups
     async with engine.connect() as conn:
         total = (await conn.execute(select(func.count()).select_from(completions_table))).scalar_one()
         deep_id = max(1, total // 20)
@@ -139,24 +166,9 @@ async def time_pages(url: str, repeat: int) -> list[tuple[str, float, float]]:
             await conn.execute(select(completions_table.c.request_id).where(completions_table.c.id == total // 2))
         ).scalar_one()
     await engine.dispose()
-    results = []
-    try:
-        async with aiohttp.ClientSession() as session:
-            for name, path in pages(total, deep_id, request_id):
-                server, wall = [], []
-                for attempt in range(repeat + 1):
-                    handler_times.clear()
-                    started = time.perf_counter()
-                    async with session.get(base + path) as response:
-                        await response.read()
-                        assert response.status == 200, (path, response.status)
-                    if attempt:  # the first fetch warms caches and the template
-                        wall.append(time.perf_counter() - started)
-                        server.append(handler_times[-1])
-                results.append((name, statistics.median(server) * 1000, statistics.median(wall) * 1000))
-                print(f"  {name:<36} {results[-1][1]:9.1f} ms server  {results[-1][2]:9.1f} ms round trip", flush=True)
-    finally:
-        await runner.cleanup()
+    results = await page_times(url, pages(total, deep_id, request_id), repeat)
+    for name, server, wall in results:
+        print(f"  {name:<36} {server:9.1f} ms server  {wall:9.1f} ms round trip", flush=True)
     return results
 
 

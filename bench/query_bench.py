@@ -22,6 +22,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 REQUESTED = (
     "gpt-4o",
@@ -109,6 +110,17 @@ SELECT id, 0, CASE (id * 7919) % {len(FINISH)} {_values(FINISH)} END, NULL, 'ass
 """
 
 
+async def _rebuild(path: Path) -> Any:
+    from proxy.store.engine import create_engine
+    from proxy.store.rollup_rebuild import rebuild
+
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        return await rebuild(engine)
+    finally:
+        await engine.dispose()
+
+
 def fill(path: Path, rows: int) -> float:
     """Create the schema with the real migrations, then load `rows` completions (one choice each)."""
     from proxy.store.migrate import upgrade_url
@@ -129,6 +141,8 @@ def fill(path: Path, rows: int) -> float:
     db.execute("DELETE FROM completion_choices")
     db.execute("DELETE FROM completions")
     db.execute(FILL_COMPLETIONS, {"rows": rows})
+    # what the writer derives for each row: the hour the rollups and the completion-id index are keyed by
+    db.execute("UPDATE completions SET started_hour = CAST(strftime('%s', started_at) AS INTEGER) / 3600, api = 'chat'")
     db.execute(FILL_CHOICES)
     for _name, sql in indexes:
         db.execute(sql)
@@ -213,6 +227,8 @@ def main() -> int:
         seconds = fill(args.db, args.rows)
         size = args.db.stat().st_size / 1e6
         print(f"filled {args.rows:,} rows in {seconds:.1f} s ({size:,.0f} MB) at {args.db}")
+        report = asyncio.run(_rebuild(args.db))
+        print(f"rollups rebuilt in {report.seconds:.1f} s (stats reads them)")
     else:
         print(f"reusing {args.db} ({args.rows:,} rows)")
 

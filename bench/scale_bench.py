@@ -37,12 +37,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-from aiohttp import web
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from proxy.config import load, normalize_database_url, sqlite_path
+from proxy.config import normalize_database_url, sqlite_path
 from proxy.store.engine import create_engine
 from proxy.store.filters import Filters
 from proxy.store.latency import fetch_percentiles
@@ -53,6 +51,7 @@ from proxy.store.series import fetch_series
 from proxy.store.stats import fetch_stats
 
 from . import scale_data
+from .dashboard_bench import page_times
 
 c = completions_table.c
 TARGET_MS = 100.0
@@ -225,52 +224,10 @@ def pages(middle: dict[str, Any]) -> list[tuple[str, str]]:
 
 async def time_pages(url: str, repeat: int, middle: dict[str, Any]) -> list[dict[str, Any]]:
     """Each page's handler time (queries and rendering) and round trip, served by the real app."""
-    from proxy.relay.server_compat import make_runner
-    from proxy.web.app import create_app
-
-    config = load(None, {("database", "url"): url, ("upstream", "url"): "http://127.0.0.1:9"}, environ={})
-    config = config.replace("database", writer="inline", auto_migrate=False)
-    app = create_app(config, migrate=False)
-    handler_times: list[float] = []
-
-    @web.middleware
-    async def timing(request: web.Request, handler: Any) -> web.StreamResponse:
-        started = time.perf_counter()
-        try:
-            return await handler(request)
-        finally:
-            handler_times.append(time.perf_counter() - started)
-
-    app.middlewares.append(timing)
-    runner = make_runner(app, config, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     results = []
-    try:
-        async with aiohttp.ClientSession() as session:
-            for name, path in pages(middle):
-                server, wall = [], []
-                for attempt in range(repeat + 1):
-                    handler_times.clear()
-                    started = time.perf_counter()
-                    async with session.get(f"http://127.0.0.1:{port}{path}") as response:
-                        await response.read()
-                        if response.status != 200:
-                            raise RuntimeError(f"{path}: HTTP {response.status}")
-                    if attempt:
-                        wall.append(time.perf_counter() - started)
-                        server.append(handler_times[-1])
-                found = {"name": name, "server_ms": statistics.median(server) * 1000}
-                found["round_trip_ms"] = statistics.median(wall) * 1000
-                results.append(found)
-                print(
-                    f"  {name:<46} {found['server_ms']:10.1f} ms server {found['round_trip_ms']:10.1f} ms round trip",
-                    flush=True,
-                )
-    finally:
-        await runner.cleanup()
+    for name, server, wall in await page_times(url, pages(middle), repeat):
+        results.append({"name": name, "server_ms": server, "round_trip_ms": wall})
+        print(f"  {name:<46} {server:10.1f} ms server {wall:10.1f} ms round trip", flush=True)
     return results
 
 

@@ -2,6 +2,9 @@
 
 Precedence (highest first): flags, environment (CHATLEDGER_*), the config file, defaults.
 Every error names the key it is about, so `chatledger` can exit with one clear line.
+
+One module because it is one schema: each section's dataclass, its defaults and its validation sit next
+to the one loader that applies the precedence, so a key is defined, checked and documented in one place.
 """
 
 from __future__ import annotations
