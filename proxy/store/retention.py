@@ -81,9 +81,10 @@ async def pruned_before(conn: AsyncConnection) -> datetime | None:
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value).astimezone(UTC)
+        moment = datetime.fromisoformat(value)
     except ValueError:
         return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)  # naive is UTC
 
 
 def reaches_pruned(horizon: datetime | None, since: datetime | None) -> bool:

@@ -17,10 +17,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .histogram import LOWER_BOUNDS
-from .models import LedgerMeta, completions_table, usage_hourly_table
+from .models import completions_table, usage_hourly_table
+from .retention import pruned_before
 from .rollups import DIMENSIONS, ROLLUP_SPECS, SOURCES, TAG_SPECS, VALUES, RollupSpec
 
-PRUNED_BEFORE = "pruned_before"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -156,17 +156,6 @@ def day_number(moment: datetime) -> int:
 
 def day_start(day: int) -> datetime:
     return EPOCH + timedelta(days=day)
-
-
-async def pruned_before(conn: AsyncConnection) -> datetime | None:
-    """The ledger's prune horizon: rows before it are deleted (None: never pruned)."""
-    value = (
-        await conn.execute(select(LedgerMeta.value).where(LedgerMeta.key == PRUNED_BEFORE))
-    ).scalar_one_or_none()
-    if value is None:
-        return None
-    moment = datetime.fromisoformat(value)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 async def rebuild_day(conn: AsyncConnection, day: int) -> int:
