@@ -18,6 +18,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .models import LedgerMeta, choices_table, completions_table
+from .rows import started_hour
 
 c = completions_table.c
 meta = LedgerMeta.__table__
@@ -64,11 +65,6 @@ def day_floor(moment: datetime) -> datetime:
     """The UTC midnight at or before `moment` (naive times are UTC)."""
     moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def hour_number(moment: datetime) -> int:
-    """Hours since the Unix epoch (completions.started_hour) of a UTC time."""
-    return int(moment.timestamp()) // 3600
 
 
 async def read_meta(conn: AsyncConnection, key: str) -> str | None:
@@ -162,7 +158,7 @@ async def prune(
         raise ValueError("batch_rows must be at least 1")
     started = time.perf_counter()
     cut = day_floor(before)
-    cut_hour = hour_number(cut)
+    cut_hour = started_hour(cut)
     report = PruneReport(cut=cut, dry_run=dry_run)
     sqlite = engine.dialect.name == "sqlite"
     if dry_run:
