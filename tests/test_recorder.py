@@ -146,6 +146,43 @@ async def test_batches_are_written_with_their_choices(engine: AsyncEngine, tmp_p
     assert spooled_ids(tmp_path / "spool") == []
 
 
+async def test_the_next_batch_is_prepared_while_the_database_writes_one(
+    sqlite_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """Batch 2 is parsed and priced (the on_batch hook runs) while batch 1's write waits on a lock the
+    database holds; batch 2 is written only after batch 1 is confirmed, each row once, in order."""
+    written_at_hook: list[int] = []
+    recorder = Recorder(
+        sqlite_engine,
+        tmp_path / "spool",
+        batch_max=5,
+        write_timeout=30,
+        hold_max=30,
+        on_batch=lambda records: written_at_hook.append(recorder.rows_written),
+    )
+    await recorder.start()
+    first = [make_record(n) for n in range(5)]
+    second = [make_record(n) for n in range(5, 10)]
+    async with HeldLock(tmp_path / "ledger.db"):
+        for record in first:
+            recorder.submit(record)
+        await eventually(lambda: len(written_at_hook) == 1)
+        await asyncio.sleep(0.05)  # batch 1's write has begun and waits for the lock
+        for record in second:
+            recorder.submit(record)
+        await eventually(lambda: len(written_at_hook) == 2)
+        await asyncio.sleep(0.2)
+        assert recorder.rows_written == 0  # batch 1 still waits, and batch 2 waits behind it
+    await recorder.wait_idle(10)
+    await recorder.close()
+    assert written_at_hook == [0, 0]  # batch 2 was prepared before batch 1 was confirmed
+    assert recorder.rows_written == 10
+    assert recorder.rows_spooled == 0
+    rows = await stored(sqlite_engine)
+    in_id_order = sorted(rows.values(), key=lambda row: row["id"])
+    assert [row["request_id"] for row in in_id_order] == [r.request_id for r in first + second]
+
+
 async def test_on_batch_hook_sees_every_record_once_on_every_path(
     engine: AsyncEngine, tmp_path: Path
 ) -> None:

@@ -13,12 +13,13 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # first: the pragmas below wait for a writer of another connection instead of failing at once
+    cursor.execute("PRAGMA busy_timeout=5000")
     # takes effect only in a file without tables yet, and only before WAL is set: a new ledger can give
     # pruned pages back to the file system (retention.incremental_vacuum); an older one needs one VACUUM
     cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA cache_size=-32768")  # 32 MiB, 8x SQLite's default (docs/performance.md)
     cursor.execute("PRAGMA foreign_keys=ON")
     # Checkpoint every 10,000 WAL pages (~40 MiB), not 1,000: completion ids are random, so each row dirties

@@ -16,6 +16,7 @@ from __future__ import annotations
 import operator
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
 from typing import Any
@@ -79,6 +80,16 @@ def _multi_row(statement: str, rows: int) -> str:
     return f"{head} VALUES {', '.join([row] * rows)}"
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A batch ready for the database: everything computed before the transaction (driver values, the
+    rollups' sums, the statements), so a writer can prepare one batch while the previous one is written."""
+
+    rows: Sequence[dict[str, Any]]
+    copy_records: list[tuple[Any, ...]]  # PostgreSQL: the completions, for COPY (SQLite: in statements)
+    statements: list[tuple[str, Any]]  # run in order, after the COPY
+
+
 class BatchWriter:
     """Inserts rows (dicts of column values plus a `choices` list) in the caller's transaction."""
 
@@ -115,34 +126,39 @@ class BatchWriter:
                         choices.append((request_id, *map(choice.get, CHOICE_COLUMNS)))
         return completions, choices
 
-    async def insert(
-        self, conn: AsyncConnection, rows: Sequence[dict[str, Any]], *, skip_existing: bool = False
-    ) -> Sequence[dict[str, Any]]:
-        """Insert the rows; returns those inserted (with skip_existing, the ones not already there)."""
-        if skip_existing:
-            rows = await _new_rows(conn, rows)
+    def prepare(self, rows: Sequence[dict[str, Any]]) -> PreparedBatch:
+        """The batch's driver values, rollup sums and statements (CPU only: no database). Raises
+        ValueError for a value the column cannot take."""
         completions, choices = self.params(rows)
         folded = (*fold_values(completions, COLUMNS), *fold_tags(rows))
         if self._columnar:
-            if completions:
+            statements: list[tuple[str, Any]] = []
+            if choices:
+                statements.append((self._choices_sql, tuple(map(list, zip(*choices, strict=True)))))
+            statements.extend(rollup_write.postgres_plan(folded))
+            return PreparedBatch(rows, completions, statements)
+        statements = [
+            (_multi_row(statement, size), params)
+            for statement, table_rows in ((self._completions_sql, completions), (self._choices_sql, choices))
+            for size, params in _chunks(table_rows)
+        ]
+        statements.extend(rollup_write.sqlite_plan(folded))
+        return PreparedBatch(rows, [], statements)
+
+    async def write(self, conn: AsyncConnection, batch: PreparedBatch) -> None:
+        """Run a prepared batch in the caller's transaction."""
+        if self._columnar:
+            if batch.copy_records:
                 # SQLAlchemy's asyncpg adapter opens its transaction on the first statement it runs; a
                 # COPY sent straight to the driver would otherwise commit on its own, apart from the choices
                 await conn.exec_driver_sql("SELECT 1")
                 raw = await conn.get_raw_connection()
                 await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-                    completions_table.name, records=completions, columns=COLUMNS
+                    completions_table.name, records=batch.copy_records, columns=COLUMNS
                 )
-            if choices:
-                await conn.exec_driver_sql(self._choices_sql, tuple(map(list, zip(*choices, strict=True))))
-            for sql, arrays in rollup_write.postgres_plan(folded):
+            for sql, arrays in batch.statements:
                 await conn.exec_driver_sql(sql, arrays)
-            return rows
-        plan = [
-            (_multi_row(statement, size), params)
-            for statement, table_rows in ((self._completions_sql, completions), (self._choices_sql, choices))
-            for size, params in _chunks(table_rows)
-        ]
-        plan.extend(rollup_write.sqlite_plan(folded))
+            return
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         run_in_thread = getattr(driver, "_execute", None)
@@ -150,10 +166,18 @@ class BatchWriter:
         if run_in_thread is not None and isinstance(sqlite_connection, sqlite3.Connection):
             # one trip to aiosqlite's thread for the whole batch: with the event loop busy, each trip
             # waits for the loop, and a batch of many statements took seconds
-            await run_in_thread(_execute_plan, sqlite_connection, plan)
+            await run_in_thread(_execute_plan, sqlite_connection, batch.statements)
         else:  # another aiosqlite: the same statements, one trip each
-            for sql, params in plan:
+            for sql, params in batch.statements:
                 await conn.exec_driver_sql(sql, params)
+
+    async def insert(
+        self, conn: AsyncConnection, rows: Sequence[dict[str, Any]], *, skip_existing: bool = False
+    ) -> Sequence[dict[str, Any]]:
+        """Insert the rows; returns those inserted (with skip_existing, the ones not already there)."""
+        if skip_existing:
+            rows = await _new_rows(conn, rows)
+        await self.write(conn, self.prepare(rows))
         return rows
 
 

@@ -2,7 +2,9 @@
 
 submit() is synchronous and O(1): it appends to an in-memory queue and wakes the writer. The writer
 takes what is queued (up to batch_max), parses captured calls (parse.materialize), prices them (the
-on_batch hook) and writes them in one transaction. Where a record goes:
+on_batch hook) and writes them in one transaction. It prepares the next batch (parsing, driver values,
+rollup sums: store.insert.PreparedBatch) while the database writes the previous one, one write in flight
+at a time, so the Python work and the database's overlap. Where a record goes:
 - the database, normally;
 - the spool on disk when the database fails at the connection level (it is then marked down and
   retried with backoff) or stalls past write_timeout;
@@ -27,6 +29,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -35,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ..config import DatabaseConfig, default_spool_dir
 from ..logs import log_access
 from ..parse import Capture, CompletionRecord, materialize
-from ..store.insert import BatchWriter
+from ..store.insert import BatchWriter, PreparedBatch
 from ..store.rows import record_to_row
 from .errors import describe, is_data_error
 from .file_watch import SqliteFileWatch
@@ -78,6 +81,24 @@ def batch_hook(
     return on_batch
 
 
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """Rows taken from the queue that the database has not confirmed yet."""
+
+    rows: list[dict[str, Any]]
+    since: float | None  # when its oldest record was submitted
+    spooled: bool = False  # the guard already put them on disk
+
+
+@dataclass(eq=False, slots=True)
+class _Write:
+    """The write in flight: its batch, its task and when it began."""
+
+    batch: _Batch
+    task: asyncio.Future[None]
+    started: float
+
+
 class BatchRecorder:
     """The writer: queue, batches, spool, replay. Implements protocol.Recorder."""
 
@@ -118,9 +139,8 @@ class BatchRecorder:
         self._backlog = True  # check for leftovers of an earlier run at start
         self._rescan_at = 0.0
         self._replay = SpoolReplay(self.spool)
-        self._inflight: list[dict[str, Any]] | None = None
-        self._inflight_since: float | None = None  # when its oldest record was submitted
-        self._inflight_spooled = False
+        self._inflight: deque[_Batch] = deque()  # the batch being written and the one prepared behind it
+        self._writing: _Write | None = None
         self._busy_since: float | None = None  # when the writer's current database operation began
         self._guard_busy = 0
         self._abandoned: set[asyncio.Future[Any]] = set()
@@ -249,6 +269,26 @@ class BatchRecorder:
     # ---- writer task --------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._work()
+        except asyncio.CancelledError:
+            self._drop_inflight()
+            raise
+
+    def _drop_inflight(self) -> None:
+        """Cancelled (close() ran out of time): the write in flight stops; the rows the database has not
+        confirmed wait in memory, and close() spools them (replay drops a duplicate if one committed)."""
+        if self._writing is not None:
+            self._writing.task.cancel()
+            self._abandoned.add(self._writing.task)
+            self._writing.task.add_done_callback(self._abandoned_done)
+            self._writing = None
+        for batch in reversed(self._inflight):
+            if not batch.spooled:
+                self._unsaved.extendleft(reversed(batch.rows))
+        self._inflight.clear()
+
+    async def _work(self) -> None:
         while True:
             if self._overflow:
                 await self._spool_rows(self._take_overflow())
@@ -257,14 +297,23 @@ class BatchRecorder:
                 rows = [self._unsaved.popleft() for _ in range(min(len(self._unsaved), self._batch))]
                 await self._store(rows)
                 continue
-            if self._pending and self._can_store():
+            # with a write in flight, only a whole batch is taken (a writer behind its load prepares it
+            # meanwhile); a partial one waits for the write to end and gathers what arrives until then
+            if self._pending and self._can_store() and (self._writing is None or len(self._pending) >= self._batch):
                 linger = self._pending[0][0] + self._flush_interval - time.monotonic()
                 if linger > 0 and len(self._pending) < self._batch and not self._closing:
                     await asyncio.sleep(linger)  # let a batch gather: per-batch costs dwarf per-row ones
                     continue
                 take = self._batch if self._db.usable() else len(self._pending)
                 items = [self._pending.popleft() for _ in range(min(len(self._pending), take))]
-                await self._store(self._rows([record for _, record in items]), items[0][0])
+                batch = _Batch(self._rows([record for _, record in items]), items[0][0])
+                self._inflight.append(batch)
+                prepared = self._prepare(batch.rows)  # while the database writes the previous batch
+                await self._settle()
+                await self._begin(batch, prepared)
+                continue
+            if self._writing is not None:  # the write in flight ends before anything else happens
+                await self._settle_or_batch()
                 continue
             if not self._closing and self._db.usable() and (self._backlog or self._replay.active):
                 await self._replay_step()
@@ -345,37 +394,116 @@ class BatchRecorder:
             log.debug("abandoned database operation ended with %s", describe(task.exception()))
 
     async def _store(self, rows: list[dict[str, Any]], since: float | None = None) -> None:
-        if self._db.usable():
-            self._inflight, self._inflight_spooled, self._inflight_since = rows, False, since
+        """Write one batch and wait for the outcome (rows that waited in memory)."""
+        await self._settle()
+        batch = _Batch(rows, since)
+        self._inflight.append(batch)
+        await self._begin(batch, self._prepare(rows))
+        await self._settle()
+
+    def _prepare(self, rows: list[dict[str, Any]]) -> PreparedBatch | Exception | None:
+        """The batch ready to write (None while the database is down: it will be spooled); a value the
+        database cannot take is returned as the exception, the batch's outcome."""
+        if not self._db.usable():
+            return None
+        try:
+            return self._writer.prepare(rows)
+        except Exception as exc:
+            return exc
+
+    async def _begin(self, batch: _Batch, prepared: PreparedBatch | Exception | None) -> None:
+        """Start writing a batch (_settle() waits for the outcome), or spool it."""
+        if batch.spooled:  # the guard put it on disk while it waited: replay writes it
+            self._inflight.remove(batch)
+            return
+        if not self._db.usable():
+            self._inflight.remove(batch)
+            await self._spool_rows(batch.rows)
+            return
+        if prepared is None:  # the database came back since
+            prepared = self._prepare(batch.rows)
+        if isinstance(prepared, Exception):
+            await self._written(batch, prepared)
+            return
+        if self._watch is not None and self._watch.stale:
             try:
-                if self._watch is not None and self._watch.stale:
-                    await self._timed(self._watch.reopen(self._engine))
-                await self._timed(self._insert(rows))
-                if self._watch is not None:
-                    self._watch.raise_if_replaced()  # committed to a deleted file: spool them after all
-            except asyncio.CancelledError:
-                if not self._inflight_spooled:  # close() spools them; replay drops a duplicate if committed
-                    self._unsaved.extendleft(reversed(rows))
-                raise
+                await self._timed(self._watch.reopen(self._engine))
             except Exception as exc:
-                if is_data_error(exc):
-                    log.error(
-                        "database refused a batch of %d record(s) (%s); spooled for row-by-row replay",
-                        len(rows),
-                        describe(exc),
-                    )
-                    self._backlog = True
-                else:
-                    self._database_failed(exc)
-            else:
-                self.rows_written += len(rows)
-                self._database_back()
+                await self._written(batch, exc)
                 return
+        started = time.monotonic()
+        self._writing = _Write(batch, asyncio.ensure_future(self._write(prepared)), started)
+        self._busy_since = started
+
+    async def _settle_or_batch(self) -> None:
+        """Wait for the write in flight to end, unless a whole batch is queued first (then return, and the
+        loop prepares it meanwhile)."""
+        writing = self._writing
+        assert writing is not None
+        while not writing.task.done() and len(self._pending) < self._batch:
+            remaining = writing.started + self._write_timeout - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            woken = asyncio.ensure_future(self._wakeup.wait())
+            try:
+                await asyncio.wait({writing.task, woken}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                self._inflight = self._inflight_since = None
-            if self._inflight_spooled:  # the guard already put them on disk
-                return
-        await self._spool_rows(rows)
+                woken.cancel()
+        if writing.task.done() or len(self._pending) < self._batch:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for the write in flight (until write_timeout after it began) and act on its outcome.
+
+        On timeout the writer moves on without it, as _timed() does."""
+        writing = self._writing
+        if writing is None:
+            return
+        task = writing.task
+        remaining = writing.started + self._write_timeout - time.monotonic()
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, remaining))
+        self._writing = None
+        self._busy_since = None
+        error: BaseException | None
+        if task in done:
+            error = task.exception()
+            if error is None and self._watch is not None:
+                try:
+                    self._watch.raise_if_replaced()  # committed to a deleted file: spool them after all
+                except Exception as exc:
+                    error = exc
+        else:
+            if self._engine.dialect.name != "sqlite":
+                task.cancel()
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned_done)
+            error = TimeoutError(f"database did not answer within {self._write_timeout:g}s")
+        await self._written(writing.batch, error)
+
+    async def _written(self, batch: _Batch, error: BaseException | None) -> None:
+        """A batch's outcome: counted, or the database marked down (or the rows refused) and the rows
+        spooled unless the guard already did."""
+        self._inflight.remove(batch)
+        if error is None:
+            self.rows_written += len(batch.rows)
+            self._database_back()
+            return
+        if is_data_error(error):
+            log.error(
+                "database refused a batch of %d record(s) (%s); spooled for row-by-row replay",
+                len(batch.rows),
+                describe(error),
+            )
+            self._backlog = True
+        else:
+            self._database_failed(error)
+        if not batch.spooled:
+            await self._spool_rows(batch.rows)
+
+    async def _write(self, batch: PreparedBatch) -> None:
+        async with self._engine.begin() as conn:
+            await self._writer.write(conn, batch)
 
     async def _insert(self, rows: list[dict[str, Any]], *, skip_existing: bool = False) -> None:
         """One transaction (store.insert.BatchWriter); skip_existing for replayed rows."""
@@ -464,24 +592,19 @@ class BatchRecorder:
         while True:
             await asyncio.sleep(tick)
             due = time.monotonic() - self.hold_max
-            inflight = self._inflight
-            since, busy = self._inflight_since, self._busy_since
-            old_batch = inflight is not None and since is not None and since <= due
-            inflight_due = old_batch and not self._inflight_spooled
-            stalled = old_batch or (busy is not None and busy <= due)  # a write or a replay step hangs
+            old = [batch for batch in self._inflight if batch.since is not None and batch.since <= due]
+            inflight_due = [batch for batch in old if not batch.spooled]
+            busy = self._busy_since
+            stalled = bool(old) or (busy is not None and busy <= due)  # a write or a replay step hangs
             # behind a stalled writer, everything queued goes now rather than a hold_max cohort at a time
             pending_due = bool(self._pending) and (stalled or self._pending[0][0] <= due)
             if not (inflight_due or pending_due or self._overflow) or not self._disk.usable():
                 continue
             self._guard_busy += 1
             try:
-                if (
-                    inflight_due
-                    and inflight is not None
-                    and await self._spool_rows(list(inflight))
-                    and self._inflight is inflight
-                ):
-                    self._inflight_spooled = True
+                for batch in inflight_due:
+                    if await self._spool_rows(list(batch.rows)):
+                        batch.spooled = True
                 rows = self._take_overflow()
                 if pending_due:
                     records = [record for _, record in self._pending]
