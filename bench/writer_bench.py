@@ -46,6 +46,7 @@ from proxy.parse.capture import Capture
 from proxy.parse.chat_json import parse_completion_body
 from proxy.parse.record import CompletionRecord
 from proxy.relay.request_ids import new_request_id
+from proxy.runtime import tune_garbage_collector, tune_writer_threads
 from proxy.store.engine import create_engine
 from proxy.store.migrate import upgrade
 from proxy.store.models import choices_table, completions_table
@@ -413,7 +414,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """measure() on uvloop when installed, as the writer process runs."""
+    """measure() on uvloop when installed, with the collector and thread switching tuned, as the writer
+    process runs."""
+    tune_garbage_collector()
+    tune_writer_threads()
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:

@@ -145,8 +145,9 @@ class BatchWriter:
         statements.extend(rollup_write.sqlite_plan(folded))
         return PreparedBatch(rows, [], statements)
 
-    async def write(self, conn: AsyncConnection, batch: PreparedBatch) -> None:
-        """Run a prepared batch in the caller's transaction."""
+    async def write(self, conn: AsyncConnection, batch: PreparedBatch, *, commit: bool = False) -> None:
+        """Run a prepared batch in the caller's transaction; `commit` ends it here (on SQLite in the same trip
+        to aiosqlite's thread as the statements, so the write needs nothing from a busy event loop)."""
         if self._columnar:
             if batch.copy_records:
                 # SQLAlchemy's asyncpg adapter opens its transaction on the first statement it runs; a
@@ -158,6 +159,8 @@ class BatchWriter:
                 )
             for sql, arrays in batch.statements:
                 await conn.exec_driver_sql(sql, arrays)
+            if commit:
+                await conn.commit()
             return
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
@@ -166,10 +169,12 @@ class BatchWriter:
         if run_in_thread is not None and isinstance(sqlite_connection, sqlite3.Connection):
             # one trip to aiosqlite's thread for the whole batch: with the event loop busy, each trip
             # waits for the loop, and a batch of many statements took seconds
-            await run_in_thread(_execute_plan, sqlite_connection, batch.statements)
+            await run_in_thread(_execute_plan, sqlite_connection, batch.statements, commit)
         else:  # another aiosqlite: the same statements, one trip each
             for sql, params in batch.statements:
                 await conn.exec_driver_sql(sql, params)
+            if commit:
+                await conn.commit()
 
     async def insert(
         self, conn: AsyncConnection, rows: Sequence[dict[str, Any]], *, skip_existing: bool = False
@@ -210,7 +215,9 @@ def _chunks(rows: list[tuple[Any, ...]]) -> list[tuple[int, tuple[Any, ...]]]:
     return out
 
 
-def _execute_plan(connection: sqlite3.Connection, plan: list[tuple[str, tuple[Any, ...]]]) -> None:
-    """Run in aiosqlite's thread, inside the transaction SQLAlchemy opened (and will commit)."""
+def _execute_plan(connection: sqlite3.Connection, plan: list[tuple[str, tuple[Any, ...]]], commit: bool) -> None:
+    """Run in aiosqlite's thread, in the transaction sqlite3 begins at the first INSERT; commit ends it."""
     for sql, params in plan:
         connection.execute(sql, params)
+    if commit:
+        connection.commit()

@@ -19,7 +19,7 @@ import time
 
 from ..logs import configure as configure_logging
 from ..parse import Capture, CompletionRecord, materialize
-from ..runtime import tune_garbage_collector, usable_cpus
+from ..runtime import tune_garbage_collector, tune_writer_threads, usable_cpus
 from .framing import Close, FrameReader, IdleReply, IdleRequest, Items, Ready, Start, StatsReport, frame
 from .recorder import BatchRecorder, batch_hook
 from .retention import Retention
@@ -66,6 +66,7 @@ async def _child(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
     retention = Retention(engine, config.retention)
     await retention.start()
     tune_garbage_collector()
+    tune_writer_threads()
 
     def report_stats() -> None:
         nonlocal summary

@@ -308,7 +308,7 @@ class BatchRecorder:
                 items = [self._pending.popleft() for _ in range(min(len(self._pending), take))]
                 batch = _Batch(self._rows([record for _, record in items]), items[0][0])
                 self._inflight.append(batch)
-                prepared = self._prepare(batch.rows)  # while the database writes the previous batch
+                prepared = await self._prepare(batch.rows)  # while the database writes the previous batch
                 await self._settle()
                 await self._begin(batch, prepared)
                 continue
@@ -398,16 +398,18 @@ class BatchRecorder:
         await self._settle()
         batch = _Batch(rows, since)
         self._inflight.append(batch)
-        await self._begin(batch, self._prepare(rows))
+        await self._begin(batch, await self._prepare(rows))
         await self._settle()
 
-    def _prepare(self, rows: list[dict[str, Any]]) -> PreparedBatch | Exception | None:
+    async def _prepare(self, rows: list[dict[str, Any]]) -> PreparedBatch | Exception | None:
         """The batch ready to write (None while the database is down: it will be spooled); a value the
-        database cannot take is returned as the exception, the batch's outcome."""
+        database cannot take is returned as the exception, the batch's outcome. Preparing is pure CPU work
+        on the rows alone: it runs in a worker thread, so the event loop stays free to drive the write in
+        flight (PostgreSQL's statements each wait for the loop)."""
         if not self._db.usable():
             return None
         try:
-            return self._writer.prepare(rows)
+            return await asyncio.to_thread(self._writer.prepare, rows)
         except Exception as exc:
             return exc
 
@@ -421,7 +423,7 @@ class BatchRecorder:
             await self._spool_rows(batch.rows)
             return
         if prepared is None:  # the database came back since
-            prepared = self._prepare(batch.rows)
+            prepared = await self._prepare(batch.rows)
         if isinstance(prepared, Exception):
             await self._written(batch, prepared)
             return
@@ -434,6 +436,7 @@ class BatchRecorder:
         started = time.monotonic()
         self._writing = _Write(batch, asyncio.ensure_future(self._write(prepared)), started)
         self._busy_since = started
+        await asyncio.sleep(0)  # the write reaches the database before the loop prepares the next batch
 
     async def _settle_or_batch(self) -> None:
         """Wait for the write in flight to end, unless a whole batch is queued first (then return, and the
@@ -502,8 +505,8 @@ class BatchRecorder:
             await self._spool_rows(batch.rows)
 
     async def _write(self, batch: PreparedBatch) -> None:
-        async with self._engine.begin() as conn:
-            await self._writer.write(conn, batch)
+        async with self._engine.connect() as conn:
+            await self._writer.write(conn, batch, commit=True)
 
     async def _insert(self, rows: list[dict[str, Any]], *, skip_existing: bool = False) -> None:
         """One transaction (store.insert.BatchWriter); skip_existing for replayed rows."""
