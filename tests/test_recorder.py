@@ -183,6 +183,60 @@ async def test_the_next_batch_is_prepared_while_the_database_writes_one(
     assert [row["request_id"] for row in in_id_order] == [r.request_id for r in first + second]
 
 
+@pytest.mark.postgres
+async def test_postgresql_writes_two_batches_at_once(postgres_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL two batches are written at once, each in its own transaction (its own backend), and a
+    third is prepared meanwhile; once the lock they wait on goes, every row is written once."""
+    import asyncpg
+
+    await upgrade_url(postgres_url)
+    engine = create_engine(postgres_url)
+    hooked: list[int] = []
+    recorder = Recorder(
+        engine, tmp_path / "spool", batch_max=5, write_timeout=30, hold_max=30,
+        on_batch=lambda records: hooked.append(len(records)),
+    )  # fmt: skip
+    dsn = postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    holder = await asyncpg.connect(dsn)
+    watcher = await asyncpg.connect(dsn)
+    try:
+        await recorder.start()
+        holder_transaction = holder.transaction()
+        await holder_transaction.start()
+        await holder.execute("LOCK TABLE completion_choices IN EXCLUSIVE MODE")  # the writes stop at choices
+
+        async def writes_waiting() -> int:
+            return int(
+                await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO completion_choices%'"
+                )
+            )
+
+        batches = [[make_record(n) for n in range(start, start + 5)] for start in (0, 5, 10)]
+        for batch in batches:
+            for record in batch:
+                recorder.submit(record)
+        deadline = time.monotonic() + 10
+        while await writes_waiting() < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert await writes_waiting() == 2
+        await eventually(lambda: len(hooked) == 3)  # the third batch prepared behind them
+        assert recorder.rows_written == 0
+        await holder_transaction.rollback()
+        await recorder.wait_idle(10)
+        assert recorder.rows_written == 15
+        assert recorder.rows_spooled == 0
+        rows = await stored(engine)
+        assert set(rows) == {record.request_id for batch in batches for record in batch}
+        assert all(row["choice_count"] == 1 for row in rows.values())
+    finally:
+        await recorder.close()
+        await holder.close()
+        await watcher.close()
+        await engine.dispose()
+
+
 async def test_on_batch_hook_sees_every_record_once_on_every_path(
     engine: AsyncEngine, tmp_path: Path
 ) -> None:

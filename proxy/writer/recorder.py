@@ -3,8 +3,8 @@
 submit() is synchronous and O(1): it appends to an in-memory queue and wakes the writer. The writer
 takes what is queued (up to batch_max), parses captured calls (parse.materialize), prices them (the
 on_batch hook) and writes them in one transaction. It prepares the next batch (parsing, driver values,
-rollup sums: store.insert.PreparedBatch) while the database writes the previous one, one write in flight
-at a time, so the Python work and the database's overlap. Where a record goes:
+rollup sums: store.insert.PreparedBatch) while the database writes the previous one (one write in flight
+on SQLite, two on PostgreSQL), so the Python work and the database's overlap. Where a record goes:
 - the database, normally;
 - the spool on disk when the database fails at the connection level (it is then marked down and
   retried with backoff) or stalls past write_timeout;
@@ -139,9 +139,13 @@ class BatchRecorder:
         self._backlog = True  # check for leftovers of an earlier run at start
         self._rescan_at = 0.0
         self._replay = SpoolReplay(self.spool)
-        self._inflight: deque[_Batch] = deque()  # the batch being written and the one prepared behind it
-        self._writing: _Write | None = None
-        self._busy_since: float | None = None  # when the writer's current database operation began
+        self._inflight: deque[_Batch] = deque()  # the batches being written and the one prepared behind
+        self._writing: deque[_Write] = deque()  # oldest first
+        # PostgreSQL runs each transaction in a backend process of its own: with two batches written at
+        # once, the second uses another core while the first waits for the loop or its commit. SQLite
+        # takes one writer at a time.
+        self._writes_max = 1 if engine.dialect.name == "sqlite" else 2
+        self._busy_since: float | None = None  # when the writer's current replay or reopen began
         self._guard_busy = 0
         self._abandoned: set[asyncio.Future[Any]] = set()
         self.rows_written = 0
@@ -276,13 +280,13 @@ class BatchRecorder:
             raise
 
     def _drop_inflight(self) -> None:
-        """Cancelled (close() ran out of time): the write in flight stops; the rows the database has not
+        """Cancelled (close() ran out of time): the writes in flight stop; the rows the database has not
         confirmed wait in memory, and close() spools them (replay drops a duplicate if one committed)."""
-        if self._writing is not None:
-            self._writing.task.cancel()
-            self._abandoned.add(self._writing.task)
-            self._writing.task.add_done_callback(self._abandoned_done)
-            self._writing = None
+        for writing in self._writing:
+            writing.task.cancel()
+            self._abandoned.add(writing.task)
+            writing.task.add_done_callback(self._abandoned_done)
+        self._writing.clear()
         for batch in reversed(self._inflight):
             if not batch.spooled:
                 self._unsaved.extendleft(reversed(batch.rows))
@@ -299,7 +303,7 @@ class BatchRecorder:
                 continue
             # with a write in flight, only a whole batch is taken (a writer behind its load prepares it
             # meanwhile); a partial one waits for the write to end and gathers what arrives until then
-            if self._pending and self._can_store() and (self._writing is None or len(self._pending) >= self._batch):
+            if self._pending and self._can_store() and (not self._writing or len(self._pending) >= self._batch):
                 linger = self._pending[0][0] + self._flush_interval - time.monotonic()
                 if linger > 0 and len(self._pending) < self._batch and not self._closing:
                     await asyncio.sleep(linger)  # let a batch gather: per-batch costs dwarf per-row ones
@@ -309,10 +313,11 @@ class BatchRecorder:
                 batch = _Batch(self._rows([record for _, record in items]), items[0][0])
                 self._inflight.append(batch)
                 prepared = await self._prepare(batch.rows)  # while the database writes the previous batch
-                await self._settle()
+                if len(self._writing) >= self._writes_max:
+                    await self._settle()
                 await self._begin(batch, prepared)
                 continue
-            if self._writing is not None:  # the write in flight ends before anything else happens
+            if self._writing:  # the writes in flight end before anything else happens
                 await self._settle_or_batch()
                 continue
             if not self._closing and self._db.usable() and (self._backlog or self._replay.active):
@@ -395,7 +400,8 @@ class BatchRecorder:
 
     async def _store(self, rows: list[dict[str, Any]], since: float | None = None) -> None:
         """Write one batch and wait for the outcome (rows that waited in memory)."""
-        await self._settle()
+        while self._writing:
+            await self._settle()
         batch = _Batch(rows, since)
         self._inflight.append(batch)
         await self._begin(batch, await self._prepare(rows))
@@ -433,16 +439,13 @@ class BatchRecorder:
             except Exception as exc:
                 await self._written(batch, exc)
                 return
-        started = time.monotonic()
-        self._writing = _Write(batch, asyncio.ensure_future(self._write(prepared)), started)
-        self._busy_since = started
+        self._writing.append(_Write(batch, asyncio.ensure_future(self._write(prepared)), time.monotonic()))
         await asyncio.sleep(0)  # the write reaches the database before the loop prepares the next batch
 
     async def _settle_or_batch(self) -> None:
-        """Wait for the write in flight to end, unless a whole batch is queued first (then return, and the
-        loop prepares it meanwhile)."""
-        writing = self._writing
-        assert writing is not None
+        """Wait for the oldest write in flight to end, unless a whole batch is queued first (then return, and
+        the loop prepares it meanwhile)."""
+        writing = self._writing[0]
         while not writing.task.done() and len(self._pending) < self._batch:
             remaining = writing.started + self._write_timeout - time.monotonic()
             if remaining <= 0:
@@ -457,17 +460,16 @@ class BatchRecorder:
             await self._settle()
 
     async def _settle(self) -> None:
-        """Wait for the write in flight (until write_timeout after it began) and act on its outcome.
+        """Wait for the oldest write in flight (until write_timeout after it began) and act on its outcome.
 
         On timeout the writer moves on without it, as _timed() does."""
-        writing = self._writing
-        if writing is None:
+        if not self._writing:
             return
+        writing = self._writing[0]
         task = writing.task
         remaining = writing.started + self._write_timeout - time.monotonic()
         done, _ = await asyncio.wait({task}, timeout=max(0.0, remaining))
-        self._writing = None
-        self._busy_since = None
+        self._writing.popleft()
         error: BaseException | None
         if task in done:
             error = task.exception()
@@ -597,7 +599,8 @@ class BatchRecorder:
             due = time.monotonic() - self.hold_max
             old = [batch for batch in self._inflight if batch.since is not None and batch.since <= due]
             inflight_due = [batch for batch in old if not batch.spooled]
-            busy = self._busy_since
+            starts = [writing.started for writing in self._writing]  # and a replay step's, or a reopen's
+            busy = min((*starts, self._busy_since) if self._busy_since is not None else starts, default=None)
             stalled = bool(old) or (busy is not None and busy <= due)  # a write or a replay step hangs
             # behind a stalled writer, everything queued goes now rather than a hold_max cohort at a time
             pending_due = bool(self._pending) and (stalled or self._pending[0][0] <= due)
