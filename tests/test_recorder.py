@@ -217,9 +217,10 @@ async def test_postgresql_writes_two_batches_at_once(postgres_url: str, tmp_path
         for batch in batches:
             for record in batch:
                 recorder.submit(record)
-        deadline = time.monotonic() + 10
-        while await writes_waiting() < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        async def two_waiting() -> bool:
+            return await writes_waiting() >= 2
+
+        await eventually(two_waiting, within=10)
         assert await writes_waiting() == 2
         await eventually(lambda: len(hooked) == 3)  # the third batch prepared behind them
         assert recorder.rows_written == 0
