@@ -41,7 +41,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.config import normalize_database_url
+from proxy.config import DatabaseConfig, normalize_database_url
 from proxy.parse.capture import Capture
 from proxy.parse.chat_json import parse_completion_body
 from proxy.parse.record import CompletionRecord
@@ -381,7 +381,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=50_000, help="rows per measurement (default 50,000)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
-        "--batch-max", type=int, default=2000, help="Recorder batch_max (config default 2000)"
+        "--batch-max",
+        type=int,
+        default=DatabaseConfig().batch_max,
+        help=f"Recorder batch_max (default: the config's, {DatabaseConfig().batch_max})",
     )
     parser.add_argument("--only", choices=("sqlite", "postgresql"))
     parser.add_argument(

@@ -66,7 +66,7 @@ class DatabaseConfig:
     auto_migrate: bool = True
     spool_dir: str = ""
     queue_max: int = 100_000
-    batch_max: int = 2_000
+    batch_max: int = 5_000
     write_timeout: float = 5.0
     flush_interval: float = 0.25
     writer: str = "process"

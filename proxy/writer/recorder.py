@@ -108,7 +108,7 @@ class BatchRecorder:
         spool_dir: Path,
         *,
         queue_max: int = 100_000,
-        batch_max: int = 2_000,
+        batch_max: int = 5_000,
         write_timeout: float = 5.0,
         hold_max: float = HOLD_MAX,
         flush_interval: float = 0.0,
