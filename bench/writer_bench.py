@@ -56,6 +56,7 @@ from .payloads import COMPLETION, COMPLETION_BODY, request_body
 
 PG_ENV = "CHATLEDGER_TEST_POSTGRES_URL"
 TARGET = 20_000
+PREFILL_DAYS = 90
 ID_DIGITS = 29
 
 
@@ -142,10 +143,12 @@ def captured_calls(count: int) -> list[Capture]:
 
 def prefill_sql(dialect: str, quote: Any) -> tuple[str, str]:
     """Copy the first row `:rows` times with fresh ids and durations (the writer's own row, so every column
-    is as the writer fills it), then give each copy its choice. The copies' request ids sort before any
-    UUIDv7 of today, as an older ledger's would; their completion ids are random hex digits, as
+    is as the writer fills it), then give each copy its choice. The copies are an older ledger's: their
+    request ids sort before any UUIDv7 of today, and they started over the PREFILL_DAYS before the last
+    hour, in id order (`:step` seconds apart); their completion ids are random hex digits, as
     completion_id() makes them. Both INSERT ... SELECT: ~30 s per million rows."""
     columns = [column.name for column in completions_table.columns if column.name != "id"]
+    back = "(3600 + (:rows - s.n) * CAST(:step AS DOUBLE PRECISION))"  # seconds before the first row's start
     if dialect == "sqlite":
         series = (
             "(WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < :rows) SELECT n FROM seq)"
@@ -154,6 +157,8 @@ def prefill_sql(dialect: str, quote: Any) -> tuple[str, str]:
             "request_id": "printf('00000000-0000-7000-8000-%012x', s.n)",
             "completion_id": f"'chatcmpl-' || substr(lower(hex(randomblob(15))), 1, {ID_DIGITS})",
             "duration_ms": "200 + abs(random() % 8800000) / 1000.0",
+            "started_at": f"strftime('%Y-%m-%d %H:%M:%f', t.started_at, printf('-%f seconds', {back})) || '000'",
+            "started_hour": f"CAST(strftime('%s', t.started_at, printf('-%f seconds', {back})) AS INTEGER) / 3600",
         }
     else:
         series = "(SELECT generate_series(1, :rows) AS n)"
@@ -161,6 +166,8 @@ def prefill_sql(dialect: str, quote: Any) -> tuple[str, str]:
             "request_id": "'00000000-0000-7000-8000-' || lpad(to_hex(s.n), 12, '0')",
             "completion_id": f"'chatcmpl-' || substr(md5(random()::text), 1, {ID_DIGITS})",
             "duration_ms": "200 + random() * 8800",
+            "started_at": f"t.started_at - make_interval(secs => {back})",
+            "started_hour": f"floor(extract(epoch FROM t.started_at - make_interval(secs => {back})) / 3600)",
         }
     names = ", ".join(quote(name) for name in columns)
     values = ", ".join(fresh.get(name, f"t.{quote(name)}") for name in columns)
@@ -182,7 +189,7 @@ async def prefill(engine: AsyncEngine, rows: int) -> None:
     async with engine.begin() as conn:
         copies, choices = prefill_sql(conn.dialect.name, conn.dialect.identifier_preparer.quote)
         after = (await conn.execute(select(func.max(completions_table.c.id)))).scalar_one()
-        await conn.execute(text(copies), {"rows": rows})
+        await conn.execute(text(copies), {"rows": rows, "step": PREFILL_DAYS * 86400 / rows})
         await conn.execute(text(choices), {"after": after})
     # start measuring from a settled database: no WAL to copy back, no autovacuum pass due on PostgreSQL
     async with engine.connect() as conn:
@@ -197,7 +204,7 @@ async def prefill(engine: AsyncEngine, rows: int) -> None:
 
 async def remove_written(engine: AsyncEngine, last_id: int, since: datetime) -> None:
     """Delete the rows after `last_id` (their choices go with them) and rebuild the rollups from `since`'s
-    day, so the ledger is as it was."""
+    day, so the ledger is as it was (on PostgreSQL vacuumed too)."""
     from proxy.store.rollup_rebuild import rebuild
 
     started = time.perf_counter()
@@ -207,6 +214,10 @@ async def remove_written(engine: AsyncEngine, last_id: int, since: datetime) -> 
         await conn.execute(choices_table.delete().where(choices_table.c.completion_pk > last_id))
         await conn.execute(completions_table.delete().where(completions_table.c.id > last_id))
     await rebuild(engine, since)
+    if engine.dialect.name == "postgresql":  # the next run starts without the dead rows, as autovacuum keeps a ledger
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.exec_driver_sql("VACUUM ANALYZE completions, completion_choices")
     print(f"  removed the rows written and rebuilt today's rollups in {time.perf_counter() - started:.0f}s")
 
 
