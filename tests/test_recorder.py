@@ -238,6 +238,62 @@ async def test_postgresql_writes_two_batches_at_once(postgres_url: str, tmp_path
         await engine.dispose()
 
 
+@pytest.mark.postgres
+async def test_postgresql_one_write_failing_while_the_other_hangs(postgres_url: str, tmp_path: Path) -> None:
+    """Write 1 loses its connection while write 2 waits on a lock, the spool cannot be written and a whole
+    batch is queued: the writer waits for write 2 (the event loop stays responsive, no busy loop), keeps
+    write 1's rows in memory, and in the end every row is written once, none lost."""
+    import asyncpg
+
+    await upgrade_url(postgres_url)
+    engine = create_engine(postgres_url)
+    blocker = tmp_path / "spool"
+    blocker.write_text("a file where the spool directory should be")
+    recorder = Recorder(engine, blocker, batch_max=5, write_timeout=30, hold_max=30)
+    dsn = postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    holder = await asyncpg.connect(dsn)
+    watcher = await asyncpg.connect(dsn)
+    waiting = (
+        "FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
+        "AND query LIKE 'INSERT INTO completion_choices%'"
+    )
+    try:
+        await recorder.start()
+        holder_transaction = holder.transaction()
+        await holder_transaction.start()
+        await holder.execute("LOCK TABLE completion_choices IN EXCLUSIVE MODE")
+        records = [make_record(n) for n in range(15)]
+        for record in records[:10]:
+            recorder.submit(record)
+
+        async def two_waiting() -> bool:
+            return int(await watcher.fetchval(f"SELECT count(*) {waiting}")) == 2
+
+        await eventually(two_waiting, within=10)
+        oldest = f"SELECT pid {waiting} ORDER BY xact_start LIMIT 1"
+        await watcher.execute(f"SELECT pg_terminate_backend(pid) FROM ({oldest}) AS w")
+        await eventually(lambda: not recorder.stats().database_ok, within=10)
+        for record in records[10:]:
+            recorder.submit(record)
+        longest = 0.0
+        for _ in range(30):
+            started = time.monotonic()
+            await asyncio.sleep(0.01)
+            longest = max(longest, time.monotonic() - started)
+        assert longest < 0.25, longest
+        await holder_transaction.rollback()
+        blocker.unlink()
+        await eventually(lambda: recorder.queue_depth == 0 and recorder.spool.backlog()[0] == 0, within=30)
+        await recorder.wait_idle(10)
+        assert recorder.rows_lost == 0
+        assert set(await stored(engine)) == {record.request_id for record in records}
+    finally:
+        await recorder.close()
+        await holder.close()
+        await watcher.close()
+        await engine.dispose()
+
+
 async def test_on_batch_hook_sees_every_record_once_on_every_path(
     engine: AsyncEngine, tmp_path: Path
 ) -> None:

@@ -146,6 +146,7 @@ class BatchRecorder:
         # takes one writer at a time.
         self._writes_max = 1 if engine.dialect.name == "sqlite" else 2
         self._busy_since: float | None = None  # when the writer's current replay or reopen began
+        self._failed_at = float("-inf")  # when a database operation last failed
         self._guard_busy = 0
         self._abandoned: set[asyncio.Future[Any]] = set()
         self.rows_written = 0
@@ -303,7 +304,7 @@ class BatchRecorder:
                 continue
             # with a write in flight, only a whole batch is taken (a writer behind its load prepares it
             # meanwhile); a partial one waits for the write to end and gathers what arrives until then
-            if self._pending and self._can_store() and (not self._writing or len(self._pending) >= self._batch):
+            if self._pending and self._can_store() and (not self._writing or self._batch_ready()):
                 linger = self._pending[0][0] + self._flush_interval - time.monotonic()
                 if linger > 0 and len(self._pending) < self._batch and not self._closing:
                     await asyncio.sleep(linger)  # let a batch gather: per-batch costs dwarf per-row ones
@@ -400,10 +401,10 @@ class BatchRecorder:
 
     async def _store(self, rows: list[dict[str, Any]], since: float | None = None) -> None:
         """Write one batch and wait for the outcome (rows that waited in memory)."""
+        batch = _Batch(rows, since)
+        self._inflight.append(batch)  # before any await: a cancellation leaves them to close()
         while self._writing:
             await self._settle()
-        batch = _Batch(rows, since)
-        self._inflight.append(batch)
         await self._begin(batch, await self._prepare(rows))
         await self._settle()
 
@@ -425,8 +426,8 @@ class BatchRecorder:
             self._inflight.remove(batch)
             return
         if not self._db.usable():
-            self._inflight.remove(batch)
             await self._spool_rows(batch.rows)
+            self._inflight.remove(batch)
             return
         if prepared is None:  # the database came back since
             prepared = await self._prepare(batch.rows)
@@ -446,7 +447,7 @@ class BatchRecorder:
         """Wait for the oldest write in flight to end, unless a whole batch is queued first (then return, and
         the loop prepares it meanwhile)."""
         writing = self._writing[0]
-        while not writing.task.done() and len(self._pending) < self._batch:
+        while not writing.task.done() and not self._batch_ready():
             remaining = writing.started + self._write_timeout - time.monotonic()
             if remaining <= 0:
                 break
@@ -456,8 +457,12 @@ class BatchRecorder:
                 await asyncio.wait({writing.task, woken}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woken.cancel()
-        if writing.task.done() or len(self._pending) < self._batch:
+        if writing.task.done() or not self._batch_ready():
             await self._settle()
+
+    def _batch_ready(self) -> bool:
+        """A whole batch is queued and can go somewhere: the loop takes it even with writes in flight."""
+        return len(self._pending) >= self._batch and self._can_store()
 
     async def _settle(self) -> None:
         """Wait for the oldest write in flight (until write_timeout after it began) and act on its outcome.
@@ -484,15 +489,18 @@ class BatchRecorder:
             self._abandoned.add(task)
             task.add_done_callback(self._abandoned_done)
             error = TimeoutError(f"database did not answer within {self._write_timeout:g}s")
-        await self._written(writing.batch, error)
+        await self._written(writing.batch, error, writing.started)
 
-    async def _written(self, batch: _Batch, error: BaseException | None) -> None:
+    async def _written(self, batch: _Batch, error: BaseException | None, started: float | None = None) -> None:
         """A batch's outcome: counted, or the database marked down (or the rows refused) and the rows
-        spooled unless the guard already did."""
-        self._inflight.remove(batch)
+        spooled unless the guard already did. The batch stays in _inflight until then, so a cancellation
+        meanwhile leaves its rows to close(). A write that began before the last failure says nothing of
+        the database since: it does not mark it back up."""
         if error is None:
+            self._inflight.remove(batch)
             self.rows_written += len(batch.rows)
-            self._database_back()
+            if started is None or started > self._failed_at:
+                self._database_back()
             return
         if is_data_error(error):
             log.error(
@@ -505,6 +513,7 @@ class BatchRecorder:
             self._database_failed(error)
         if not batch.spooled:
             await self._spool_rows(batch.rows)
+        self._inflight.remove(batch)
 
     async def _write(self, batch: PreparedBatch) -> None:
         async with self._engine.connect() as conn:
@@ -516,6 +525,7 @@ class BatchRecorder:
             await self._writer.insert(conn, rows, skip_existing=skip_existing)
 
     def _database_failed(self, exc: BaseException) -> None:
+        self._failed_at = time.monotonic()
         if isinstance(exc, TimeoutError):  # a slow database gets smaller batches, so replay still progresses
             self._batch = max(MIN_BATCH, self._batch // 2)
         message = describe(exc)
