@@ -294,6 +294,31 @@ async def test_postgresql_one_write_failing_while_the_other_hangs(postgres_url: 
         await engine.dispose()
 
 
+async def test_sqlite_wal_is_checkpointed_in_the_background(sqlite_engine: AsyncEngine, tmp_path: Path) -> None:
+    """A few hundred rows stay far below wal_autocheckpoint, so no commit copies them into the database
+    file: the writer's background checkpoint does, within a second or so. A copy of the file alone,
+    without its WAL, then holds them."""
+    recorder = Recorder(sqlite_engine, tmp_path / "spool")
+    await recorder.start()
+    records = [make_record(n) for n in range(300)]
+    for record in records:
+        recorder.submit(record)
+    await recorder.wait_idle()
+
+    def rows_in_the_file_alone() -> int:
+        copy = tmp_path / "copy.db"
+        copy.write_bytes((tmp_path / "ledger.db").read_bytes())  # the main file only, not ledger.db-wal
+        connection = sqlite3.connect(copy)
+        try:
+            return int(connection.execute("SELECT count(*) FROM completions").fetchone()[0])
+        finally:
+            connection.close()
+            copy.unlink()
+
+    await eventually(lambda: rows_in_the_file_alone() == 300, within=5)
+    await recorder.close()
+
+
 async def test_on_batch_hook_sees_every_record_once_on_every_path(
     engine: AsyncEngine, tmp_path: Path
 ) -> None:

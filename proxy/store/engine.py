@@ -36,3 +36,11 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(url, **kwargs)
+
+
+async def passive_checkpoint(engine: AsyncEngine) -> None:
+    """SQLite: copy the WAL into the database file now, without waiting for (or blocking) anyone: otherwise
+    the commit that crosses wal_autocheckpoint pays for it, and that may be the writer's."""
+    async with engine.connect() as conn:
+        (await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")).all()
+        await conn.rollback()

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .engine import passive_checkpoint
 from .models import LedgerMeta, choices_table, completions_table
 from .rows import started_hour
 
@@ -194,7 +195,7 @@ async def prune(
         elif took < batch_seconds / 3:
             size = min(batch_rows, size * 2)
         if sqlite:
-            await _checkpoint(engine)
+            await passive_checkpoint(engine)
             await asyncio.sleep(max(took, 0.005))
         else:
             await asyncio.sleep(0)
@@ -202,14 +203,6 @@ async def prune(
         report.space_returned = await incremental_vacuum(engine, stop=stop, report=report)
     report.seconds = time.perf_counter() - started
     return report
-
-
-async def _checkpoint(engine: AsyncEngine) -> None:
-    """Copy the WAL into the database file now, without waiting for (or blocking) anyone: otherwise the
-    commit that crosses wal_autocheckpoint pays for the prune's pages, and that may be the writer's."""
-    async with engine.connect() as conn:
-        (await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")).all()
-        await conn.rollback()
 
 
 async def incremental_vacuum(
@@ -249,7 +242,7 @@ async def incremental_vacuum(
         if after >= free:
             break
         freed += (free - after) * page_size
-        await _checkpoint(engine)
+        await passive_checkpoint(engine)
         await asyncio.sleep(max(took, 0.005))
     return freed
 

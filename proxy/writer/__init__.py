@@ -11,6 +11,7 @@ on disk when the database cannot take them, and come back from the spool by repl
 - replay.py    walking the spool for replay
 - errors.py    data errors versus an unreachable database
 - file_watch.py  the SQLite file deleted or replaced under the writer
+- wal.py       SQLite's WAL checkpointed in the background, not in the writer's commits
 - summary.py   a batch reduced to its metric sums
 - retention.py the background prune of calls older than [retention] days
 """

@@ -47,6 +47,7 @@ from .losses import LossCounter
 from .protocol import WriterStats
 from .replay import SpoolReplay, split_refused
 from .spool import Spool
+from .wal import WalCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class BatchRecorder:
         self._losses = LossCounter(self.spool.directory)
         self.last_error: str | None = None
         self._watch = SqliteFileWatch.for_engine(engine)
+        self._checkpoints = WalCheckpoints(engine)  # SQLite: no commit of the writer pays for a checkpoint
         self._spool_problem: str | None = None
 
     @classmethod
@@ -222,6 +224,7 @@ class BatchRecorder:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="chatledger-recorder")
         self._guard_task = asyncio.create_task(self._guard(), name="chatledger-recorder-guard")
+        self._checkpoints.start()
 
     async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Drain to the database for up to `timeout` seconds (less if hurry() is called), then spool
@@ -237,6 +240,7 @@ class BatchRecorder:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        await self._checkpoints.stop()
         if self._guard_task is not None:
             self._guard_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
