@@ -33,6 +33,7 @@ from proxy.store.engine import create_engine
 from proxy.store.insert import BatchWriter
 from proxy.store.models import completions_table
 from proxy.store.rows import record_to_row
+from proxy.writer.wal import WalCheckpoints
 
 from .scale_data import fill, size_on_disk
 from .writer_bench import records
@@ -54,7 +55,8 @@ async def choose_cut(engine: AsyncEngine, rows: int) -> tuple[datetime, int]:
 
 
 class SteadyWriter:
-    """Inserts `rate` calls a second in batches every `flush` seconds; times each batch (begin to commit)."""
+    """Inserts `rate` calls a second in batches every `flush` seconds; times each batch (begin to commit).
+    As the writer does, it checkpoints SQLite's WAL in the background (writer.wal)."""
 
     def __init__(self, engine: AsyncEngine, rate: int, flush: float) -> None:
         self.engine, self.rate, self.flush = engine, rate, flush
@@ -65,14 +67,19 @@ class SteadyWriter:
     async def run(self) -> None:
         per_batch = max(1, round(self.rate * self.flush))
         tick = time.perf_counter()
-        while not self._stop.is_set():
-            rows = [record_to_row(record) for record in records(per_batch)]
-            began = time.perf_counter()
-            async with self.engine.begin() as conn:
-                await self.writer.insert(conn, rows)
-            self.times.append(time.perf_counter() - began)
-            tick += self.flush
-            await asyncio.sleep(max(0.0, tick - time.perf_counter()))
+        checkpoints = WalCheckpoints(self.engine)
+        checkpoints.start()
+        try:
+            while not self._stop.is_set():
+                rows = [record_to_row(record) for record in records(per_batch)]
+                began = time.perf_counter()
+                async with self.engine.begin() as conn:
+                    await self.writer.insert(conn, rows)
+                self.times.append(time.perf_counter() - began)
+                tick += self.flush
+                await asyncio.sleep(max(0.0, tick - time.perf_counter()))
+        finally:
+            await checkpoints.stop()
 
     def stop(self) -> None:
         self._stop.set()
