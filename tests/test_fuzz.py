@@ -25,8 +25,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.parse.capture import finish_error
 from proxy.parse.chat_json import parse_completion_body
 from proxy.parse.chat_stream import StreamFolder
+from proxy.parse.fields import MAX_ERROR_CHARS, RAW_ERROR_CHARS
 from proxy.parse.record import CompletionRecord
 from proxy.parse.request import inspect_request
 from proxy.parse.sse import SSEDecoder
@@ -89,7 +91,13 @@ def assert_storable(record: CompletionRecord) -> None:
         assert value is None or (type(value) is int and 0 <= value < 2**62), (name, value)
     for name in TEXT_COLUMNS:
         value = getattr(record, name)
-        assert value is None or (isinstance(value, str) and "\x00" not in value and len(value) <= 1000), name
+        if name == "error" and value is not None:
+            # parsing keeps up to RAW_ERROR_CHARS (room to scrub a key across the cut); the stored text is
+            # what finish_error() makes of it, as materialize() does
+            assert isinstance(value, str)
+            assert len(value) <= RAW_ERROR_CHARS, len(value)
+            value = finish_error(value, ())
+        assert value is None or (isinstance(value, str) and "\x00" not in value and len(value) <= MAX_ERROR_CHARS), name
     assert record.cost is None or (isinstance(record.cost, Decimal) and 0 <= record.cost < 10**12)
     assert len(record.choices) <= 128
     for choice in record.choices:
