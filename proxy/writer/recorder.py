@@ -17,8 +17,9 @@ A guard task bounds how long a finished record stays in memory only: a record su
 seconds ago that is still queued, or in a batch the database has not confirmed, is spooled.
 Replay is idempotent (request_id is unique), so a row both committed and spooled is written once.
 
-One module because it is one state machine: the queue, the database, the spool and the guard all
-decide from the same state (what is in flight, what is healthy, what is waiting).
+One module (~680 lines) because it is one state machine: the queue, the batches prepared and in flight,
+the database's health, the spool and the guard all decide from the same state (what is in memory only,
+what is being written, what is healthy, what is waiting); split, each part would reach into the others'.
 """
 
 from __future__ import annotations
@@ -288,9 +289,7 @@ class BatchRecorder:
         """Cancelled (close() ran out of time): the writes in flight stop; the rows the database has not
         confirmed wait in memory, and close() spools them (replay drops a duplicate if one committed)."""
         for writing in self._writing:
-            writing.task.cancel()
-            self._abandoned.add(writing.task)
-            writing.task.add_done_callback(self._abandoned_done)
+            self._abandon(writing.task, cancel=True)
         self._writing.clear()
         for batch in reversed(self._inflight):
             if not batch.spooled:
@@ -387,16 +386,24 @@ class BatchRecorder:
             done, _ = await asyncio.wait({task}, timeout=self._write_timeout)
             if task in done:
                 return task.result()
-            if self._engine.dialect.name != "sqlite":
-                task.cancel()
-            self._abandoned.add(task)
-            task.add_done_callback(self._abandoned_done)
-            raise TimeoutError(f"database did not answer within {self._write_timeout:g}s")
+            raise self._timed_out(task)
         except asyncio.CancelledError:
             task.cancel()
             raise
         finally:
             self._busy_since = None
+
+    def _timed_out(self, task: asyncio.Future[Any]) -> TimeoutError:
+        """A database operation past write_timeout: the writer moves on without it (see _timed)."""
+        self._abandon(task, cancel=self._engine.dialect.name != "sqlite")
+        return TimeoutError(f"database did not answer within {self._write_timeout:g}s")
+
+    def _abandon(self, task: asyncio.Future[Any], *, cancel: bool) -> None:
+        """Stop waiting for a database operation; close() gives it a grace period to end."""
+        if cancel:
+            task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned_done)
 
     def _abandoned_done(self, task: asyncio.Future[Any]) -> None:
         self._abandoned.discard(task)
@@ -488,11 +495,7 @@ class BatchRecorder:
                 except Exception as exc:
                     error = exc
         else:
-            if self._engine.dialect.name != "sqlite":
-                task.cancel()
-            self._abandoned.add(task)
-            task.add_done_callback(self._abandoned_done)
-            error = TimeoutError(f"database did not answer within {self._write_timeout:g}s")
+            error = self._timed_out(task)
         await self._written(writing.batch, error, writing.started)
 
     async def _written(self, batch: _Batch, error: BaseException | None, started: float | None = None) -> None:
